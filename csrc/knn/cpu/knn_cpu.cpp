@@ -1,0 +1,228 @@
+// CPU implementation of diffmem::knn_topk: exact top-k under l2.
+//
+// uint8: the AVX-512 VNNI fused kernel where the CPU has it, otherwise float32 GEMM tiles
+// over feature blocks small enough that every partial sum stays an exact integer.
+// float: GEMM-expansion candidates with a rigorous rounding bound, then an exact re-rank
+// by direct differences in float64 (the expansion alone loses the near-duplicates).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "common/cpu_features.h"
+#include "knn/cpu/sorted_topk.h"
+#include "knn/knn.h"
+
+namespace diffmem::knn {
+namespace {
+
+constexpr int64_t kQueryTile = 1024;
+constexpr int64_t kRefTile = 1024;
+
+// ---------------------------------------------------------------------------------------
+// uint8, portable: float32 GEMM over blocks of 1024 features of x - 128 and y - 128.
+// |(x - 128)(y - 128)| <= 2^14, so any partial sum of a block is an integer <= 2^24 and
+// exact in float32 whatever order the BLAS adds in; blocks are summed in float64 (exact).
+constexpr int64_t kExactFeatureBlock = 1024;
+
+void topk_u8_generic(const at::Tensor& X, const at::Tensor& Y, int64_t k, int64_t* out_dist, int64_t* out_idx) {
+  const int64_t Q = X.size(0), N = Y.size(0), d = X.size(1);
+  auto centered = [](const at::Tensor& t) { return t.to(at::kFloat).sub_(128.0f); };
+  auto norms = [](const at::Tensor& c) { return c.to(at::kDouble).square().sum(1).to(at::kLong); };
+  std::fill(out_dist, out_dist + Q * k, std::numeric_limits<int64_t>::max());
+  std::fill(out_idx, out_idx + Q * k, int64_t(-1));
+
+  for (int64_t q0 = 0; q0 < Q; q0 += kQueryTile) {
+    const int64_t q1 = std::min(Q, q0 + kQueryTile);
+    const at::Tensor xb = centered(X.slice(0, q0, q1));
+    const at::Tensor nx = norms(xb);
+    for (int64_t n0 = 0; n0 < N; n0 += kRefTile) {
+      const int64_t n1 = std::min(N, n0 + kRefTile);
+      const at::Tensor yb = centered(Y.slice(0, n0, n1));
+      const at::Tensor ny = norms(yb);
+      at::Tensor dots = at::zeros({q1 - q0, n1 - n0}, X.options().dtype(at::kDouble));
+      for (int64_t f0 = 0; f0 < d; f0 += kExactFeatureBlock) {
+        const int64_t f1 = std::min(d, f0 + kExactFeatureBlock);
+        dots.add_(at::mm(xb.slice(1, f0, f1), yb.slice(1, f0, f1).t()));
+      }
+      const double* dp = dots.const_data_ptr<double>();
+      const int64_t* nxp = nx.const_data_ptr<int64_t>();
+      const int64_t* nyp = ny.const_data_ptr<int64_t>();
+      const int64_t cols = n1 - n0;
+      at::parallel_for(0, q1 - q0, 16, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          int64_t* di = out_dist + (q0 + i) * k;
+          int64_t* ii = out_idx + (q0 + i) * k;
+          for (int64_t c = 0; c < cols; ++c) {
+            const int64_t dv = nxp[i] + nyp[c] - 2 * static_cast<int64_t>(dp[i * cols + c]);
+            if (dv < di[k - 1]) sorted_insert(di, ii, k, dv, n0 + c);
+          }
+        }
+      });
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// float: candidates from the expansion a = ||x||^2 + ||y||^2 - 2 x.y, whose error is at
+// most e = 2 g_T ||x|| ||y|| + g_64 (||x|| + ||y||)^2 (dot product in the GEMM's precision
+// T, norms and sums in float64; g = gamma_d = d u / (1 - d u)), scaled by 1.25 for margin.
+// Any ref with a - e above the k-th smallest a + e cannot be among the k nearest; the
+// rest are re-ranked exactly. A query with more than kCandidates such refs (masses of
+// near-ties) is searched by brute force instead, so the result is exact in every case.
+
+inline double gamma(int64_t n, double u) { return n * u / (1.0 - n * u); }
+
+template <typename T>
+double exact_sqdist(const T* x, const T* y, int64_t d) {
+  double s = 0.0;
+  for (int64_t f = 0; f < d; ++f) {
+    const double t = static_cast<double>(x[f]) - static_cast<double>(y[f]);
+    s += t * t;
+  }
+  return s;
+}
+
+struct CandidateState {
+  int64_t capacity, k;
+  std::vector<double> lo;    // Q x capacity lower bounds of the candidates' distances
+  std::vector<int64_t> idx;  // Q x capacity, increasing within a query
+  std::vector<int64_t> count;
+  std::vector<double> hi;        // Q x k smallest upper bounds, ascending
+  std::vector<int64_t> hi_idx;   // scratch for sorted_insert
+  std::vector<uint8_t> overflow;  // query needs brute force
+
+  CandidateState(int64_t Q, int64_t k_, int64_t cap)
+      : capacity(cap), k(k_), lo(Q * cap), idx(Q * cap), count(Q, 0),
+        hi(Q * k_, std::numeric_limits<double>::infinity()), hi_idx(Q * k_, -1), overflow(Q, 0) {}
+
+  // Offers ref j with bounds [l, h] to query q; refs arrive in increasing index order.
+  void offer(int64_t q, double l, double h, int64_t j) {
+    double* hq = hi.data() + q * k;
+    if (!(l <= hq[k - 1]) || overflow[q]) return;
+    if (h < hq[k - 1]) sorted_insert(hq, hi_idx.data() + q * k, k, h, j);
+    const double bound = hq[k - 1];
+    double* lq = lo.data() + q * capacity;
+    int64_t* iq = idx.data() + q * capacity;
+    int64_t& n = count[q];
+    if (n == capacity) {  // drop the candidates the tightened bound has ruled out
+      int64_t kept = 0;
+      for (int64_t t = 0; t < n; ++t)
+        if (lq[t] <= bound) {
+          lq[kept] = lq[t];
+          iq[kept] = iq[t];
+          ++kept;
+        }
+      n = kept;
+      if (n == capacity) {
+        overflow[q] = 1;
+        return;
+      }
+    }
+    lq[n] = l;
+    iq[n] = j;
+    ++n;
+  }
+};
+
+template <typename T>
+void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out_dist, int64_t* out_idx) {
+  const int64_t Q = X.size(0), N = Y.size(0), d = X.size(1);
+  // A float32 GEMM may run in reduced precision (TF32/bf16) when the user allowed it:
+  // then take the GEMM in float64 so the bound below still holds.
+  const bool ieee_gemm = std::is_same_v<T, double> ||
+                         at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST;
+  const double u_gemm = std::is_same_v<T, float> && ieee_gemm ? std::ldexp(1.0, -24) : std::ldexp(1.0, -53);
+  const double g_dot = gamma(d, u_gemm), g64 = gamma(d + 4, std::ldexp(1.0, -53));
+  const at::Tensor nx = X.to(at::kDouble).square().sum(1), ny = Y.to(at::kDouble).square().sum(1);
+  const at::Tensor xn = nx.sqrt(), yn = ny.sqrt();
+  const double* nxp = nx.const_data_ptr<double>();
+  const double* nyp = ny.const_data_ptr<double>();
+  const double* xnp = xn.const_data_ptr<double>();
+  const double* ynp = yn.const_data_ptr<double>();
+  const T* xp = X.const_data_ptr<T>();
+  const T* yp = Y.const_data_ptr<T>();
+  CandidateState state(Q, k, std::max<int64_t>(64, 4 * k));
+
+  for (int64_t q0 = 0; q0 < Q; q0 += kQueryTile) {
+    const int64_t q1 = std::min(Q, q0 + kQueryTile);
+    const at::Tensor xb = X.slice(0, q0, q1);
+    for (int64_t n0 = 0; n0 < N; n0 += kRefTile) {
+      const int64_t n1 = std::min(N, n0 + kRefTile), cols = n1 - n0;
+      const at::Tensor yb = Y.slice(0, n0, n1);
+      const at::Tensor dots =
+          (ieee_gemm ? at::mm(xb, yb.t()) : at::mm(xb.to(at::kDouble), yb.to(at::kDouble).t())).to(at::kDouble);
+      const double* dp = dots.const_data_ptr<double>();
+      at::parallel_for(q0, q1, 16, [&](int64_t b, int64_t e) {
+        for (int64_t q = b; q < e; ++q) {
+          const double* drow = dp + (q - q0) * cols;
+          double bound = state.hi[q * k + k - 1];
+          for (int64_t c = 0; c < cols; ++c) {
+            const int64_t j = n0 + c;
+            const double a = nxp[q] + nyp[j] - 2.0 * drow[c];
+            const double s = xnp[q] + ynp[j];
+            const double err = 1.25 * (2.0 * g_dot * xnp[q] * ynp[j] + g64 * s * s);
+            if (a - err <= bound) {
+              state.offer(q, a - err, a + err, j);
+              bound = state.hi[q * k + k - 1];
+            }
+          }
+        }
+      });
+    }
+  }
+
+  at::parallel_for(0, Q, 8, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) {
+      double* dq = out_dist + q * k;
+      int64_t* iq = out_idx + q * k;
+      std::fill(dq, dq + k, std::numeric_limits<double>::infinity());
+      std::fill(iq, iq + k, int64_t(-1));
+      const T* x = xp + q * d;
+      auto consider = [&](int64_t j) {
+        const double t = exact_sqdist(x, yp + j * d, d);
+        if (t < dq[k - 1]) sorted_insert(dq, iq, k, t, j);
+      };
+      if (state.overflow[q]) {
+        for (int64_t j = 0; j < N; ++j) consider(j);
+      } else {
+        const double bound = state.hi[q * k + k - 1];
+        for (int64_t t = 0; t < state.count[q]; ++t)
+          if (state.lo[q * state.capacity + t] <= bound) consider(state.idx[q * state.capacity + t]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& queries, const at::Tensor& refs, int64_t k) {
+  check_inputs(queries, refs, k);
+  const at::Tensor X = queries.contiguous(), Y = refs.contiguous();
+  const int64_t Q = X.size(0), N = Y.size(0), d = X.size(1);
+  at::Tensor idx = at::empty({Q, k}, X.options().dtype(at::kLong));
+  if (X.scalar_type() == at::kByte) {
+    at::Tensor dist = at::empty({Q, k}, X.options().dtype(at::kLong));
+    if (common::use_avx512_vnni() && d <= kVnniMaxDim)
+      topk_u8_avx512(X.const_data_ptr<uint8_t>(), Q, Y.const_data_ptr<uint8_t>(), N, d, k,
+                     dist.mutable_data_ptr<int64_t>(), idx.mutable_data_ptr<int64_t>());
+    else
+      topk_u8_generic(X, Y, k, dist.mutable_data_ptr<int64_t>(), idx.mutable_data_ptr<int64_t>());
+    return {dist, idx};
+  }
+  at::Tensor dist = at::empty({Q, k}, X.options().dtype(at::kDouble));
+  if (X.scalar_type() == at::kFloat)
+    topk_float<float>(X, Y, k, dist.mutable_data_ptr<double>(), idx.mutable_data_ptr<int64_t>());
+  else
+    topk_float<double>(X, Y, k, dist.mutable_data_ptr<double>(), idx.mutable_data_ptr<int64_t>());
+  return {dist, idx};
+}
+
+TORCH_LIBRARY_IMPL(diffmem, CPU, m) { m.impl("knn_topk", &topk_cpu); }
+
+}  // namespace diffmem::knn

@@ -1,0 +1,36 @@
+// One place for the schemas of every diffmem op. Implementations register per device
+// key next to their kernels (csrc/<op>/cpu, csrc/<op>/cuda); fake kernels live in Python.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "common/cpu_features.h"
+
+// `import diffmem._C` loads this library, which runs the registrations below.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace diffmem {
+
+static std::string cpu_kernels() { return common::cpu_kernel_name(); }
+
+static bool built_with_cuda() {
+#ifdef DIFFMEM_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+TORCH_LIBRARY(diffmem, m) {
+  // Exact k nearest neighbours under l2. queries (Q, d), refs (N, d), same dtype
+  // (uint8, float32 or float64) and device, 1 <= k <= min(32, N). Returns
+  // (squared distances, indices), both (Q, k), ascending, ties by smaller index;
+  // squared distances are int64 for uint8 input, float64 otherwise.
+  m.def("knn_topk(Tensor queries, Tensor refs, int k) -> (Tensor, Tensor)");
+  m.def("cpu_kernels() -> str", &cpu_kernels);
+  m.def("built_with_cuda() -> bool", &built_with_cuda);
+}
+
+}  // namespace diffmem

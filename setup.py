@@ -1,0 +1,73 @@
+"""Build of diffmem._C with torch.utils.cpp_extension (ninja).
+
+CPU kernels are always built. CUDA kernels are built when a CUDA toolkit and a CUDA
+build of torch are present; DIFFMEM_BUILD_CUDA=0/1 forces either way (1 fails loudly
+when CUDA cannot be built).
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("DIFFMEM_BUILD_CUDA", "auto").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    import torch
+
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if flag in ("1", "true", "yes", "on"):
+        if not available:
+            raise RuntimeError(
+                "DIFFMEM_BUILD_CUDA=1 but no CUDA toolkit (CUDA_HOME) or no CUDA build of torch was found"
+            )
+        return True
+    return available
+
+
+def _sources(pattern: str) -> list[str]:
+    # Relative paths: setuptools rejects absolute source paths in some versions.
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+
+
+def extensions():
+    with_cuda = _want_cuda()
+    sources = ["csrc/ops.cpp"] + _sources("csrc/**/cpu/*.cpp")
+    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+    macros = [("Py_LIMITED_API", "0x030A0000")]
+    if with_cuda:
+        sources += _sources("csrc/**/cuda/*.cu")
+        macros.append(("DIFFMEM_WITH_CUDA", "1"))
+        return [
+            cpp_extension.CUDAExtension(
+                "diffmem._C",
+                sources,
+                include_dirs=[os.path.join(ROOT, "csrc")],
+                define_macros=macros,
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+                extra_link_args=["-fopenmp"],
+                py_limited_api=True,
+            )
+        ]
+    return [
+        cpp_extension.CppExtension(
+            "diffmem._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+            py_limited_api=True,
+        )
+    ]
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
