@@ -83,7 +83,8 @@ class MemorizationReport:
 
 
 def duplicate_groups(train_rows: torch.Tensor) -> list[np.ndarray]:
-    """Groups (ascending index arrays) of identical rows of a 2-D uint8 tensor."""
+    """Groups of identical rows of a 2-D uint8 tensor: ascending index arrays, ordered by
+    their first index."""
     rows = np.ascontiguousarray(train_rows.cpu().numpy())
     keys = rows.view(np.dtype((np.void, rows.shape[1]))).ravel()
     _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
@@ -91,7 +92,7 @@ def duplicate_groups(train_rows: torch.Tensor) -> list[np.ndarray]:
         return []
     order = np.argsort(inverse, kind="stable")
     bounds = np.cumsum(counts)[:-1]
-    return [g for g in np.split(order, bounds) if len(g) > 1]
+    return sorted((g for g in np.split(order, bounds) if len(g) > 1), key=lambda g: g[0])
 
 
 def evaluate(
