@@ -32,7 +32,6 @@ constexpr int64_t MR = 8;        // queries per register tile (broadcast operand
 constexpr int64_t NV = 3;        // zmm registers of refs per register tile
 constexpr int64_t NR = 16 * NV;  // refs per packed panel
 constexpr int64_t kBlockBytes = 512 * 1024;  // packed refs per block: stays in the 1 MB L2
-constexpr int64_t kQueryBlock = 1024;        // queries whose top-k lists are updated per pass
 
 inline int32_t load_u32(const uint8_t* p) {
   int32_t v;
@@ -46,11 +45,15 @@ inline int32_t load_u32(const uint8_t* p) {
 void pack_panel(const uint8_t* Y, int64_t N, int64_t d, int64_t K4, int64_t r0, int8_t* out) {
   std::memset(out, 0, static_cast<size_t>(K4 * NR * 4));
   const int64_t rows = std::min<int64_t>(NR, N - r0);
+  const int64_t full = d / 4;
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* src = Y + (r0 + r) * d;
-    for (int64_t f = 0; f < d; ++f) {
-      out[((f >> 2) * NR + r) * 4 + (f & 3)] = static_cast<int8_t>(static_cast<int>(src[f]) - 128);
+    for (int64_t g = 0; g < full; ++g) {  // four bytes at a time; y - 128 flips the top bit
+      const uint32_t v = static_cast<uint32_t>(load_u32(src + 4 * g)) ^ 0x80808080u;
+      std::memcpy(out + (g * NR + r) * 4, &v, 4);
     }
+    for (int64_t f = 4 * full; f < d; ++f)
+      out[((f >> 2) * NR + r) * 4 + (f & 3)] = static_cast<int8_t>(static_cast<int>(src[f]) - 128);
   }
 }
 
@@ -151,24 +154,33 @@ void topk_u8_avx512(const uint8_t* X, int64_t Q, const uint8_t* Y, int64_t N, in
 
   // Norm terms of the expansion: nx = sum x^2 - 256 sum x (queries), ny = sum y^2 (refs).
   std::vector<int64_t> nx(Q), ny(N);
-  at::parallel_for(0, Q, 256, [&](int64_t b, int64_t e) {
-    for (int64_t q = b; q < e; ++q) {
-      int64_t s2 = 0, s1 = 0;
-      for (int64_t f = 0; f < d; ++f) {
-        const int64_t v = X[q * d + f];
-        s2 += v * v;
-        s1 += v;
+  // Per-row sums in int32 over pieces of 2^15 features (255^2 * 2^15 < 2^31), so the
+  // compiler can vectorize them.
+  auto row_sums = [d](const uint8_t* row, int64_t& s1, int64_t& s2) {
+    s1 = s2 = 0;
+    for (int64_t f0 = 0; f0 < d; f0 += 32768) {
+      int32_t a1 = 0, a2 = 0;
+      const int64_t f1 = std::min<int64_t>(d, f0 + 32768);
+      for (int64_t f = f0; f < f1; ++f) {
+        const int32_t v = row[f];
+        a1 += v;
+        a2 += v * v;
       }
+      s1 += a1;
+      s2 += a2;
+    }
+  };
+  at::parallel_for(0, Q, 256, [&](int64_t b, int64_t e) {
+    int64_t s1, s2;
+    for (int64_t q = b; q < e; ++q) {
+      row_sums(X + q * d, s1, s2);
       nx[q] = s2 - 256 * s1;
     }
   });
   at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {
+    int64_t s1, s2;
     for (int64_t j = b; j < e; ++j) {
-      int64_t s2 = 0;
-      for (int64_t f = 0; f < d; ++f) {
-        const int64_t v = Y[j * d + f];
-        s2 += v * v;
-      }
+      row_sums(Y + j * d, s1, s2);
       ny[j] = s2;
     }
   });
@@ -185,42 +197,40 @@ void topk_u8_avx512(const uint8_t* X, int64_t Q, const uint8_t* Y, int64_t N, in
   const int64_t panels_per_block = std::max<int64_t>(1, kBlockBytes / panel_bytes);
   std::vector<int8_t> packed(static_cast<size_t>(panels_per_block * panel_bytes));
 
-  for (int64_t q0 = 0; q0 < Q; q0 += kQueryBlock) {
-    const int64_t q1 = std::min(Q, q0 + kQueryBlock);
-    const int64_t q_tiles = (q1 - q0 + MR - 1) / MR;
-    for (int64_t p0 = 0; p0 < n_panels; p0 += panels_per_block) {
-      const int64_t p1 = std::min(n_panels, p0 + panels_per_block);
-      at::parallel_for(p0, p1, 1, [&](int64_t b, int64_t e) {
-        for (int64_t p = b; p < e; ++p) pack_panel(Y, N, d, K4, p * NR, packed.data() + (p - p0) * panel_bytes);
-      });
-      at::parallel_for(0, q_tiles, 1, [&](int64_t b, int64_t e) {
-        alignas(64) int32_t dots[MR * NR];
-        const uint8_t* rows[MR];
-        int32_t tail[MR];
-        for (int64_t t = b; t < e; ++t) {
-          const int64_t qa = q0 + t * MR;
-          const int64_t rows_valid = std::min<int64_t>(MR, q1 - qa);
-          for (int64_t i = 0; i < MR; ++i) {
-            // Missing query rows repeat the last valid one; their results are ignored.
-            const int64_t q = qa + std::min(i, rows_valid - 1);
-            rows[i] = X + q * d;
-            tail[i] = 0;
-            if (has_tail) std::memcpy(&tail[i], rows[i] + 4 * K4full, static_cast<size_t>(d - 4 * K4full));
-          }
-          for (int64_t p = p0; p < p1; ++p) {
-            tile_dots(rows, tail, K4full, has_tail, packed.data() + (p - p0) * panel_bytes, dots);
-            const int64_t j0 = p * NR;
-            const int64_t cols = std::min<int64_t>(NR, N - j0);
-            if (fits_i32)
-              reduce_tile_i32(dots, rows_valid, cols, j0, nx.data() + qa, ny32.data(), k, out_dist + qa * k,
-                              out_idx + qa * k);
-            else
-              reduce_tile_i64(dots, rows_valid, cols, j0, nx.data() + qa, ny.data(), k, out_dist + qa * k,
-                              out_idx + qa * k);
-          }
+  // Refs in L2-sized blocks, packed once; both threads then sweep their own query rows
+  // over the block, so each thread owns its queries' top-k lists (no locks).
+  const int64_t q_tiles = (Q + MR - 1) / MR;
+  for (int64_t p0 = 0; p0 < n_panels; p0 += panels_per_block) {
+    const int64_t p1 = std::min(n_panels, p0 + panels_per_block);
+    at::parallel_for(p0, p1, 1, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) pack_panel(Y, N, d, K4, p * NR, packed.data() + (p - p0) * panel_bytes);
+    });
+    at::parallel_for(0, q_tiles, 1, [&](int64_t b, int64_t e) {
+      alignas(64) int32_t dots[MR * NR];
+      const uint8_t* rows[MR];
+      int32_t tail[MR];
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t qa = t * MR;
+        const int64_t rows_valid = std::min<int64_t>(MR, Q - qa);
+        for (int64_t i = 0; i < MR; ++i) {
+          // Missing query rows repeat the last valid one; their results are ignored.
+          rows[i] = X + (qa + std::min(i, rows_valid - 1)) * d;
+          tail[i] = 0;
+          if (has_tail) std::memcpy(&tail[i], rows[i] + 4 * K4full, static_cast<size_t>(d - 4 * K4full));
         }
-      });
-    }
+        for (int64_t p = p0; p < p1; ++p) {
+          tile_dots(rows, tail, K4full, has_tail, packed.data() + (p - p0) * panel_bytes, dots);
+          const int64_t j0 = p * NR;
+          const int64_t cols = std::min<int64_t>(NR, N - j0);
+          if (fits_i32)
+            reduce_tile_i32(dots, rows_valid, cols, j0, nx.data() + qa, ny32.data(), k, out_dist + qa * k,
+                            out_idx + qa * k);
+          else
+            reduce_tile_i64(dots, rows_valid, cols, j0, nx.data() + qa, ny.data(), k, out_dist + qa * k,
+                            out_idx + qa * k);
+        }
+      }
+    });
   }
 }
 
