@@ -34,6 +34,16 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
+def _cuda_library_includes() -> list[str]:
+    """Headers of the CUDA libraries torch links (cuBLAS, cuSPARSE, ...) ship in the
+    nvidia-* wheels beside torch; a bare toolkit may lack them."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(p for base in nvidia.__path__ for p in glob.glob(os.path.join(base, "cu*", "include")))
+
+
 def extensions():
     with_cuda = _want_cuda()
     sources = ["csrc/ops.cpp"] + _sources("csrc/**/cpu/*.cpp")
@@ -46,7 +56,7 @@ def extensions():
             cpp_extension.CUDAExtension(
                 "diffmem._C",
                 sources,
-                include_dirs=[os.path.join(ROOT, "csrc")],
+                include_dirs=[os.path.join(ROOT, "csrc")] + _cuda_library_includes(),
                 define_macros=macros,
                 extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
                 extra_link_args=["-fopenmp"],

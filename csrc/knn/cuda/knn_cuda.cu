@@ -40,6 +40,8 @@
 
 #include <math_constants.h>
 
+#include "../knn.h"
+
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -904,32 +906,13 @@ std::tuple<at::Tensor, at::Tensor> topk_float(const at::Tensor& X, const at::Ten
 std::tuple<at::Tensor, at::Tensor> topk_cuda(const at::Tensor& queries, const at::Tensor& refs,
                                              int64_t k) {
   TORCH_CHECK(queries.is_cuda() && refs.is_cuda(), "knn_topk: expected CUDA tensors");
-  TORCH_CHECK(queries.device() == refs.device(), "knn_topk: queries and refs on different devices");
-  TORCH_CHECK(queries.dim() == 2 && refs.dim() == 2, "knn_topk: expected 2-D tensors");
-  TORCH_CHECK(queries.size(1) == refs.size(1), "knn_topk: dimension mismatch");
-  TORCH_CHECK(queries.scalar_type() == refs.scalar_type(), "knn_topk: dtype mismatch");
+  check_inputs(queries, refs, k);  // shapes, dtypes, device, 1 <= k <= min(32, N), non-empty
   const auto st = queries.scalar_type();
-  TORCH_CHECK(st == at::kByte || st == at::kFloat || st == at::kDouble,
-              "knn_topk: dtype must be uint8, float32 or float64, got ", st);
-  const int64_t Q = queries.size(0);
-  const int64_t N = refs.size(0);
   const int64_t d = queries.size(1);
-  TORCH_CHECK(N >= 1, "knn_topk: refs must not be empty");
-  TORCH_CHECK(k >= 1 && k <= 32 && k <= N, "knn_topk: need 1 <= k <= min(32, N), got k=", k);
 
   c10::cuda::CUDAGuard device_guard(queries.device());
   const at::Tensor X = queries.contiguous();
   const at::Tensor Y = refs.contiguous();
-  const auto out_dtype = (st == at::kByte) ? at::kLong : at::kDouble;
-
-  if (Q == 0) {
-    return {at::empty({0, k}, X.options().dtype(out_dtype)),
-            at::empty({0, k}, X.options().dtype(at::kLong))};
-  }
-  if (d == 0) {  // all distances are 0: the k smallest indices
-    at::Tensor idx = at::arange(k, X.options().dtype(at::kLong)).unsqueeze(0).expand({Q, k});
-    return {at::zeros({Q, k}, X.options().dtype(out_dtype)), idx.contiguous()};
-  }
 
   if (st == at::kByte) {
     if (d <= kU8NarrowMaxD) return topk_u8_impl<false>(X, Y, k);

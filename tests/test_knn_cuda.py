@@ -1,0 +1,284 @@
+"""Tests of the CUDA implementation of ``torch.ops.diffmem.knn_topk``.
+
+The op is compared against an exact float64 brute force computed on the CPU
+(direct differences), sorted by (distance, index).
+
+Tile sizes can be shrunk through environment variables that only the CUDA
+implementation reads (on every call), so that small problems span many tiles:
+``DIFFMEM_KNN_TILE_Q``, ``DIFFMEM_KNN_TILE_N``; ``DIFFMEM_KNN_FORCE_FALLBACK=1``
+forces the exact brute-force fallback of the float path for every query.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("CUDA is not available", allow_module_level=True)
+
+try:
+    import diffmem._C  # noqa: F401  (registers torch.ops.diffmem.*)
+except Exception as exc:  # pragma: no cover - depends on the build
+    pytest.skip(f"diffmem._C could not be imported: {exc}", allow_module_level=True)
+
+knn_topk = torch.ops.diffmem.knn_topk
+
+DEVICE = torch.device("cuda")
+
+
+# ---------------------------------------------------------------------------
+# reference
+# ---------------------------------------------------------------------------
+
+def reference_topk(x, y, k):
+    """Exact float64 brute force on the CPU, rows sorted by (dist, idx)."""
+    x = x.cpu().double()
+    y = y.cpu().double()
+    q, n, d = x.shape[0], y.shape[0], x.shape[1]
+    chunk = max(1, int(2e7 // max(1, n * d)))
+    out_d, out_i = [], []
+    for s in range(0, q, chunk):
+        dist = ((x[s:s + chunk, None, :] - y[None]) ** 2).sum(-1)
+        # columns are in index order: a stable sort orders ties by index
+        vals, idx = torch.sort(dist, dim=1, stable=True)
+        out_d.append(vals[:, :k])
+        out_i.append(idx[:, :k])
+    return torch.cat(out_d), torch.cat(out_i)
+
+
+def run(x, y, k):
+    return knn_topk(x.to(DEVICE).contiguous(), y.to(DEVICE).contiguous(), k)
+
+
+def check(x, y, k):
+    d, i = run(x, y, k)
+    q = x.shape[0]
+    assert d.shape == (q, k) and i.shape == (q, k)
+    assert i.dtype == torch.int64
+    assert d.is_cuda and i.is_cuda
+    rd, ri = reference_topk(x, y, k)
+    d, i = d.cpu(), i.cpu()
+    if x.dtype == torch.uint8:
+        assert d.dtype == torch.int64
+        assert torch.equal(d, rd.long()), "uint8 distances differ"
+        assert torch.equal(i, ri), "uint8 indices differ"
+    else:
+        assert d.dtype == torch.float64
+        assert torch.equal(i, ri), "indices differ"
+        torch.testing.assert_close(d, rd, rtol=1e-6, atol=1e-9)
+    # rows are sorted by (dist, idx)
+    if k > 1:
+        dd = d[:, 1:] - d[:, :-1]
+        assert bool((dd >= 0).all())
+        ties = dd == 0
+        assert bool((i[:, 1:][ties] > i[:, :-1][ties]).all())
+    return d, i
+
+
+def make(dtype, shape, gen, low=0, high=256):
+    if dtype == torch.uint8:
+        return torch.randint(low, high, shape, generator=gen, dtype=torch.uint8)
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+DTYPES = [torch.uint8, torch.float32, torch.float64]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setenv("DIFFMEM_KNN_TILE_Q", "37")
+    monkeypatch.setenv("DIFFMEM_KNN_TILE_N", "64")
+
+
+# ---------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 2, 5, 32])
+@pytest.mark.parametrize("shape", [(1, 40, 3), (17, 50, 1), (33, 300, 13), (64, 257, 21)])
+def test_random(dtype, k, shape):
+    q, n, d = shape
+    gen = torch.Generator().manual_seed(1000 * k + 31 * q + 7 * n + d + DTYPES.index(dtype))
+    x = make(dtype, (q, d), gen)
+    y = make(dtype, (n, d), gen)
+    check(x, y, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 2, 5, 32])
+def test_n_equals_k(dtype, k):
+    gen = torch.Generator().manual_seed(k)
+    for q in (1, 5, 20):
+        x = make(dtype, (q, 7), gen)
+        y = make(dtype, (k, 7), gen)
+        check(x, y, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 9, 15, 16, 17, 33, 100])
+def test_dims(dtype, d):
+    gen = torch.Generator().manual_seed(d)
+    x = make(dtype, (23, d), gen)
+    y = make(dtype, (150, d), gen)
+    check(x, y, 5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 5, 32])
+def test_multi_tile(dtype, k, small_tiles):
+    gen = torch.Generator().manual_seed(100 + k)
+    x = make(dtype, (100, 19), gen)
+    y = make(dtype, (1000, 19), gen)
+    check(x, y, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_default_tiles_several_ref_tiles(dtype):
+    # N > default tile size: several ref tiles with the production tiling.
+    gen = torch.Generator().manual_seed(7)
+    x = make(dtype, (300, 67), gen)
+    y = make(dtype, (5000, 67), gen)
+    check(x, y, 32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 2, 5, 32])
+def test_exact_duplicates(dtype, k, small_tiles):
+    # Many exactly equal refs: ties must be broken by the smaller index,
+    # including across tiles.
+    gen = torch.Generator().manual_seed(k)
+    base = make(dtype, (13, 11), gen)
+    pick = torch.randint(0, 13, (700,), generator=gen)
+    y = base[pick].clone()
+    x = torch.cat([base[:5], make(dtype, (30, 11), gen)])
+    check(x, y, k)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 32])
+def test_uint8_massive_ties(k, small_tiles):
+    # Values in {0, 1}: huge numbers of equal distances.
+    gen = torch.Generator().manual_seed(k)
+    x = make(torch.uint8, (50, 6), gen, 0, 2)
+    y = make(torch.uint8, (900, 6), gen, 0, 2)
+    check(x, y, k)
+
+
+def test_uint8_all_equal():
+    x = torch.full((20, 10), 200, dtype=torch.uint8)
+    y = torch.full((100, 10), 7, dtype=torch.uint8)
+    d, i = check(x, y, 32)
+    assert torch.equal(i, torch.arange(32).expand(20, 32))
+
+
+def test_uint8_extremes():
+    # Distances near d * 255^2 (beyond 2^31 for d = 40000), 0/255 extremes.
+    gen = torch.Generator().manual_seed(3)
+    d = 40000
+    x = torch.zeros((3, d), dtype=torch.uint8)
+    y = torch.full((40, d), 255, dtype=torch.uint8)
+    y[5, :7] = 0
+    y[9, :7] = 0
+    y[11, :3] = 0
+    y[20:] = make(torch.uint8, (20, d), gen)
+    x[2] = 255
+    check(x, y, 8)
+
+
+def test_uint8_wide_d():
+    # d > 66051: 64-bit distance path with a d-chunked GEMM.
+    gen = torch.Generator().manual_seed(4)
+    d = 70001
+    x = make(torch.uint8, (18, d), gen)
+    y = make(torch.uint8, (40, d), gen)
+    y[3] = x[0]
+    y[7] = x[0]
+    check(x, y, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 5, 32])
+def test_near_duplicates_large_norms(dtype, k, small_tiles):
+    # refs = base + tiny noise with base ~ 1000: the GEMM error bound is far
+    # wider than the distance gaps (float32 takes the exact fallback).
+    gen = torch.Generator().manual_seed(k)
+    d = 24
+    base = 900 + 200 * torch.rand(d, generator=gen, dtype=torch.float64)
+    y = (base + 1e-2 * torch.randn((500, d), generator=gen, dtype=torch.float64)).to(dtype)
+    x = (base + 0.5 * torch.randn((40, d), generator=gen, dtype=torch.float64)).to(dtype)
+    check(x, y, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_offset(dtype):
+    # Everything far from the origin, moderate spread.
+    gen = torch.Generator().manual_seed(11)
+    x = (1e4 + torch.randn((30, 40), generator=gen, dtype=torch.float64)).to(dtype)
+    y = (1e4 + torch.randn((800, 40), generator=gen, dtype=torch.float64)).to(dtype)
+    check(x, y, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 5, 32])
+def test_forced_fallback(dtype, k, monkeypatch):
+    monkeypatch.setenv("DIFFMEM_KNN_FORCE_FALLBACK", "1")
+    monkeypatch.setenv("DIFFMEM_KNN_TILE_Q", "13")
+    monkeypatch.setenv("DIFFMEM_KNN_TILE_N", "50")
+    gen = torch.Generator().manual_seed(k)
+    base = make(dtype, (9, 10), gen)
+    y = torch.cat([make(dtype, (300, 10), gen), base[torch.randint(0, 9, (100,), generator=gen)]])
+    x = torch.cat([base[:3], make(dtype, (40, 10), gen)])
+    check(x, y, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deterministic(dtype, small_tiles):
+    gen = torch.Generator().manual_seed(5)
+    x = make(dtype, (77, 30), gen, 0, 4)
+    y = make(dtype, (600, 30), gen, 0, 4)
+    d1, i1 = run(x, y, 32)
+    d2, i2 = run(x, y, 32)
+    assert torch.equal(d1, d2) and torch.equal(i1, i2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_single_query_single_ref(dtype):
+    gen = torch.Generator().manual_seed(0)
+    check(make(dtype, (1, 3), gen), make(dtype, (1, 3), gen), 1)
+
+
+def test_uint8_moderate_realistic():
+    # d = 3072 like the benchmark, several tiles in both directions.
+    gen = torch.Generator().manual_seed(12)
+    x = make(torch.uint8, (40, 3072), gen)
+    y = make(torch.uint8, (2500, 3072), gen)
+    y[1234] = x[3]
+    check(x, y, 32)
+
+
+def test_tf32_setting_is_restored():
+    # The float32 GEMM must run without TF32 even when the user enabled it,
+    # and the user's setting must be restored afterwards.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # legacy TF32 API may warn
+        prev = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            gen = torch.Generator().manual_seed(1)
+            # large offsets: TF32 products would break the error bound
+            x = 1e3 + make(torch.float32, (20, 9), gen)
+            y = 1e3 + make(torch.float32, (100, 9), gen)
+            check(x, y, 3)
+            assert torch.backends.cuda.matmul.allow_tf32
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def test_rejects_bad_input():
+    x = torch.zeros((3, 4), dtype=torch.uint8, device=DEVICE)
+    y = torch.zeros((5, 4), dtype=torch.uint8, device=DEVICE)
+    with pytest.raises(RuntimeError):
+        knn_topk(x, y, 6)  # k > N
+    with pytest.raises(RuntimeError):
+        knn_topk(x, y.float(), 2)  # dtype mismatch
