@@ -34,7 +34,8 @@ def quantize(images: Any) -> torch.Tensor:
         raise ValueError(f"images must be uint8 pixels or floats in [-1, 1], got dtype {x.dtype}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("images contain NaN or inf")
-    return (x.float() * 127.5 + 128.0).clamp_(0.0, 255.0).to(torch.uint8)
+    x = x if x.dtype == torch.float64 else x.float()  # the samplers' float64 state stays float64
+    return (x * 127.5 + 128.0).clamp_(0.0, 255.0).to(torch.uint8)
 
 
 @dataclasses.dataclass
