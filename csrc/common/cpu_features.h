@@ -17,15 +17,29 @@ inline bool has_avx512_vnni() {
 #endif
 }
 
-// DIFFMEM_CPU_KERNEL=generic forces the portable kernel (tests run both paths with it).
-// Read on every call, so a test can switch it within one process.
-inline bool use_avx512_vnni() {
-  const char* force = std::getenv("DIFFMEM_CPU_KERNEL");
-  if (force != nullptr && std::strcmp(force, "generic") == 0) return false;
-  return has_avx512_vnni();
+inline bool has_avx512f() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+#else
+  return false;
+#endif
 }
 
-// Name of the uint8 distance kernel the CPU path uses on this machine.
-inline std::string cpu_kernel_name() { return use_avx512_vnni() ? "avx512-vnni" : "generic-fp32-blocked"; }
+// DIFFMEM_CPU_KERNEL=generic forces the portable kernel (tests run both paths with it).
+// Read on every call, so a test can switch it within one process.
+inline bool force_generic() {
+  const char* force = std::getenv("DIFFMEM_CPU_KERNEL");
+  return force != nullptr && std::strcmp(force, "generic") == 0;
+}
+inline bool use_avx512_vnni() { return has_avx512_vnni() && !force_generic(); }
+inline bool use_avx512f() { return has_avx512f() && !force_generic(); }
+
+// Names of the uint8 and float32 distance kernels the CPU path uses on this machine.
+inline std::string cpu_kernel_name() {
+  std::string u8 = use_avx512_vnni() ? "uint8:avx512-vnni" : "uint8:generic-fp32-blocked";
+  std::string f32 = use_avx512f() ? "float32:avx512-fma" : "float32:blas";
+  return u8 + " " + f32;
+}
 
 }  // namespace diffmem::common

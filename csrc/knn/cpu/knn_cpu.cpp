@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/cpu_features.h"
+#include "knn/cpu/blocked_dots.h"
 #include "knn/cpu/sorted_topk.h"
 #include "knn/knn.h"
 
@@ -130,74 +131,11 @@ struct CandidateState {
   }
 };
 
+// Exact re-rank of each query's surviving candidates (or a brute force where they overflowed).
 template <typename T>
-std::vector<double> row_sqnorms(const T* p, int64_t rows, int64_t d) {
-  std::vector<double> out(rows);
-  at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      double s = 0.0;
-      for (int64_t f = 0; f < d; ++f) s += static_cast<double>(p[r * d + f]) * static_cast<double>(p[r * d + f]);
-      out[r] = s;
-    }
-  });
-  return out;
-}
-
-// Each thread multiplies a block of this many queries by the ref tile and scans the
-// result while it is still in its L2 (128 x 1024 float32 = 512 KB).
-constexpr int64_t kFloatQueryBlock = 128;
-
-template <typename T>
-void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out_dist, int64_t* out_idx) {
-  const int64_t Q = X.size(0), N = Y.size(0), d = X.size(1);
-  // A float32 GEMM may run in reduced precision (TF32/bf16) when the user allowed it:
-  // then take the GEMM in float64 so the bound below still holds.
-  const bool ieee_gemm = std::is_same_v<T, double> ||
-                         at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST;
-  const double u_gemm = std::is_same_v<T, float> && ieee_gemm ? std::ldexp(1.0, -24) : std::ldexp(1.0, -53);
-  const double g_dot = gamma(d, u_gemm), g64 = gamma(d + 4, std::ldexp(1.0, -53));
-  const T* xp = X.const_data_ptr<T>();
-  const T* yp = Y.const_data_ptr<T>();
-  const std::vector<double> nx = row_sqnorms(xp, Q, d), ny = row_sqnorms(yp, N, d);
-  std::vector<double> xn(Q), yn(N);
-  for (int64_t q = 0; q < Q; ++q) xn[q] = std::sqrt(nx[q]);
-  for (int64_t j = 0; j < N; ++j) yn[j] = std::sqrt(ny[j]);
-  CandidateState state(Q, k, std::max<int64_t>(64, 4 * k));
-
-  auto scan = [&](const auto* dp, int64_t q0, int64_t q1, int64_t n0, int64_t cols) {
-    for (int64_t q = q0; q < q1; ++q) {
-      const auto* drow = dp + (q - q0) * cols;
-      double bound = state.hi[q * k + k - 1];
-      for (int64_t c = 0; c < cols; ++c) {
-        const int64_t j = n0 + c;
-        const double a = nx[q] + ny[j] - 2.0 * static_cast<double>(drow[c]);
-        const double s = xn[q] + yn[j];
-        const double err = 1.25 * (2.0 * g_dot * xn[q] * yn[j] + g64 * s * s);
-        if (a - err <= bound) {
-          state.offer(q, a - err, a + err, j);
-          bound = state.hi[q * k + k - 1];
-        }
-      }
-    }
-  };
-
-  const int64_t q_blocks = (Q + kFloatQueryBlock - 1) / kFloatQueryBlock;
-  for (int64_t n0 = 0; n0 < N; n0 += kRefTile) {
-    const int64_t n1 = std::min(N, n0 + kRefTile), cols = n1 - n0;
-    const at::Tensor yt = ieee_gemm ? Y.slice(0, n0, n1).t() : Y.slice(0, n0, n1).to(at::kDouble).t();
-    at::parallel_for(0, q_blocks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t blk = b; blk < e; ++blk) {
-        const int64_t q0 = blk * kFloatQueryBlock, q1 = std::min(Q, q0 + kFloatQueryBlock);
-        const at::Tensor xb = ieee_gemm ? X.slice(0, q0, q1) : X.slice(0, q0, q1).to(at::kDouble);
-        const at::Tensor dots = at::mm(xb, yt);  // a serial GEMM: we are inside the thread pool
-        if (dots.scalar_type() == at::kFloat)
-          scan(dots.const_data_ptr<float>(), q0, q1, n0, cols);
-        else
-          scan(dots.const_data_ptr<double>(), q0, q1, n0, cols);
-      }
-    });
-  }
-
+void finish_float(const CandidateState& state, const T* xp, const T* yp, int64_t N, int64_t d, int64_t k,
+                  double* out_dist, int64_t* out_idx) {
+  const int64_t Q = static_cast<int64_t>(state.count.size());
   at::parallel_for(0, Q, 8, [&](int64_t b, int64_t e) {
     for (int64_t q = b; q < e; ++q) {
       double* dq = out_dist + q * k;
@@ -218,6 +156,91 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
       }
     }
   });
+}
+
+template <typename T>
+std::vector<double> row_sqnorms(const T* p, int64_t rows, int64_t d) {
+  std::vector<double> out(rows);
+  at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      double s = 0.0;
+      for (int64_t f = 0; f < d; ++f) s += static_cast<double>(p[r * d + f]) * static_cast<double>(p[r * d + f]);
+      out[r] = s;
+    }
+  });
+  return out;
+}
+
+// Each thread multiplies a block of this many queries by the ref tile and scans the
+// result while it is still in its L2 (128 x 1024 float32 = 512 KB).
+constexpr int64_t kFloatQueryBlock = 128;
+
+template <typename T>
+void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out_dist, int64_t* out_idx) {
+  const int64_t Q = X.size(0), N = Y.size(0), d = X.size(1);
+  // float32 products come from the fused AVX-512 kernel where the CPU has it, else from the
+  // BLAS; a BLAS float32 GEMM may run in reduced precision (TF32/bf16) when the user allowed
+  // it, and then we take it in float64 so the bound below holds.
+  const bool fused = std::is_same_v<T, float> && common::use_avx512f();
+  const bool ieee_gemm = std::is_same_v<T, double> ||
+                         at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST;
+  const bool float32_products = std::is_same_v<T, float> && (fused || ieee_gemm);
+  const double u_gemm = float32_products ? std::ldexp(1.0, -24) : std::ldexp(1.0, -53);
+  const double g_dot = gamma(d, u_gemm), g64 = gamma(d + 4, std::ldexp(1.0, -53));
+  const T* xp = X.const_data_ptr<T>();
+  const T* yp = Y.const_data_ptr<T>();
+  const std::vector<double> nx = row_sqnorms(xp, Q, d), ny = row_sqnorms(yp, N, d);
+  std::vector<double> xn(Q), yn(N);
+  for (int64_t q = 0; q < Q; ++q) xn[q] = std::sqrt(nx[q]);
+  for (int64_t j = 0; j < N; ++j) yn[j] = std::sqrt(ny[j]);
+  CandidateState state(Q, k, std::max<int64_t>(64, 4 * k));
+
+  // Offers refs [n0, n0 + cols) to queries [q0, q1) given their dot products dp (row stride ld).
+  auto scan = [&](const auto* dp, int64_t ld, int64_t q0, int64_t q1, int64_t n0, int64_t cols) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const auto* drow = dp + (q - q0) * ld;
+      double bound = state.hi[q * k + k - 1];
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t j = n0 + c;
+        const double a = nx[q] + ny[j] - 2.0 * static_cast<double>(drow[c]);
+        const double s = xn[q] + yn[j];
+        const double err = 1.25 * (2.0 * g_dot * xn[q] * yn[j] + g64 * s * s);
+        if (a - err <= bound) {
+          state.offer(q, a - err, a + err, j);
+          bound = state.hi[q * k + k - 1];
+        }
+      }
+    }
+  };
+
+  if constexpr (std::is_same_v<T, float>) {
+    if (fused) {
+      blocked::for_each_dot_block(xp, Q, yp, N, d,
+                                  [&](int64_t q0, int64_t q1, int64_t j0, int64_t j1, const float* C, int64_t ldc) {
+                                    scan(C, ldc, q0, q1, j0, j1 - j0);
+                                  });
+      finish_float(state, xp, yp, N, d, k, out_dist, out_idx);
+      return;
+    }
+  }
+  const int64_t q_blocks = (Q + kFloatQueryBlock - 1) / kFloatQueryBlock;
+  for (int64_t n0 = 0; n0 < N; n0 += kRefTile) {
+    const int64_t n1 = std::min(N, n0 + kRefTile), cols = n1 - n0;
+    const at::Tensor yt = ieee_gemm ? Y.slice(0, n0, n1).t() : Y.slice(0, n0, n1).to(at::kDouble).t();
+    at::parallel_for(0, q_blocks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t blk = b; blk < e; ++blk) {
+        const int64_t q0 = blk * kFloatQueryBlock, q1 = std::min(Q, q0 + kFloatQueryBlock);
+        const at::Tensor xb = ieee_gemm ? X.slice(0, q0, q1) : X.slice(0, q0, q1).to(at::kDouble);
+        const at::Tensor dots = at::mm(xb, yt);  // a serial GEMM: we are inside the thread pool
+        if (dots.scalar_type() == at::kFloat)
+          scan(dots.const_data_ptr<float>(), cols, q0, q1, n0, cols);
+        else
+          scan(dots.const_data_ptr<double>(), cols, q0, q1, n0, cols);
+      }
+    });
+  }
+
+  finish_float(state, xp, yp, N, d, k, out_dist, out_idx);
 }
 
 }  // namespace

@@ -1,0 +1,104 @@
+// All query-ref dot products, one cache-sized block at a time, each block handed to an
+// epilogue (a top-k reduction) and then forgotten: the Q x N matrix is never stored.
+//
+// GotoBLAS-style blocking for the two AVX-512 register kernels (uint8 with VNNI, float32
+// with FMA): a 48-ref slice of `kGroups` feature groups (~18 KB) stays in L1 while the
+// 8-query tiles of a block stream past it from L2, and the block's accumulators
+// (128 x 480) stay in L2 across feature slices.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace diffmem::knn::blocked {
+
+constexpr int64_t MR = 8;             // queries per register tile (broadcast operand)
+constexpr int64_t NR = 48;            // refs per register tile (three 16-lane vectors)
+constexpr int64_t kGroups = 96;       // feature groups per L1 slice
+constexpr int64_t kQueryBlock = 128;  // queries per block (16 tiles)
+constexpr int64_t kRefBlock = 480;    // refs per block (10 panels)
+
+// Element traits: uint8 features go in groups of four (one vpdpbusd lane), floats alone.
+template <typename In>
+struct Layout;
+template <>
+struct Layout<uint8_t> {
+  using Acc = int32_t;
+  static constexpr int64_t group = 4;
+};
+template <>
+struct Layout<float> {
+  using Acc = float;
+  static constexpr int64_t group = 1;
+};
+
+// Register kernels (blocked_dots_avx512.cpp): c[MR x NR] (+)= a-tile . b-panel over
+// `groups` feature groups; `accumulate` false overwrites c.
+void micro_u8(const uint8_t* a, const int8_t* b, int64_t groups, int32_t* c, int64_t ldc, bool accumulate);
+void micro_f32(const float* a, const float* b, int64_t groups, float* c, int64_t ldc, bool accumulate);
+bool available_u8();   // AVX-512 VNNI
+bool available_f32();  // AVX-512F
+
+// Packing: refs rows [r0, r0 + NR) -> [group][NR][group bytes] (uint8 refs become y - 128,
+// the signed operand); query rows [q0, q0 + MR) -> [group][MR][group]. Missing rows and
+// features are zero.
+void pack_refs(const uint8_t* Y, int64_t N, int64_t d, int64_t groups, int64_t r0, int8_t* out);
+void pack_refs(const float* Y, int64_t N, int64_t d, int64_t groups, int64_t r0, float* out);
+void pack_queries(const uint8_t* X, int64_t Q, int64_t d, int64_t groups, int64_t q0, uint8_t* out);
+void pack_queries(const float* X, int64_t Q, int64_t d, int64_t groups, int64_t q0, float* out);
+
+inline void micro(const uint8_t* a, const int8_t* b, int64_t g, int32_t* c, int64_t ldc, bool acc) {
+  micro_u8(a, b, g, c, ldc, acc);
+}
+inline void micro(const float* a, const float* b, int64_t g, float* c, int64_t ldc, bool acc) {
+  micro_f32(a, b, g, c, ldc, acc);
+}
+
+// Calls epilogue(q0, q1, j0, j1, C, ldc) for every block, C[(q - q0) * ldc + (j - j0)]
+// holding sum_f X[q, f] * Y'[j, f] (for uint8: Y' = Y - 128). Within one query row,
+// blocks arrive in increasing j, and every row is handled by one thread at a time.
+template <typename In, typename Epilogue>
+void for_each_dot_block(const In* X, int64_t Q, const In* Y, int64_t N, int64_t d, Epilogue&& epilogue) {
+  using Acc = typename Layout<In>::Acc;
+  using Packed = std::conditional_t<std::is_same_v<In, uint8_t>, int8_t, float>;
+  constexpr int64_t G = Layout<In>::group;
+  const int64_t groups = (d + G - 1) / G;
+  const int64_t panel_elems = groups * NR * G, tile_elems = groups * MR * G;
+  const int64_t q_blocks = (Q + kQueryBlock - 1) / kQueryBlock;
+  std::vector<Packed> refs_packed(static_cast<size_t>((kRefBlock / NR) * panel_elems));
+
+  for (int64_t j0 = 0; j0 < N; j0 += kRefBlock) {
+    const int64_t j1 = std::min(N, j0 + kRefBlock);
+    const int64_t panels = (j1 - j0 + NR - 1) / NR;
+    at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) pack_refs(Y, N, d, groups, j0 + p * NR, refs_packed.data() + p * panel_elems);
+    });
+    at::parallel_for(0, q_blocks, 1, [&](int64_t b, int64_t e) {
+      const int64_t ldc = panels * NR;
+      std::vector<In> queries_packed(static_cast<size_t>((kQueryBlock / MR) * tile_elems));
+      std::vector<Acc> C(static_cast<size_t>(kQueryBlock * ldc));
+      for (int64_t blk = b; blk < e; ++blk) {
+        const int64_t q0 = blk * kQueryBlock, q1 = std::min(Q, q0 + kQueryBlock);
+        const int64_t tiles = (q1 - q0 + MR - 1) / MR;
+        for (int64_t t = 0; t < tiles; ++t)
+          pack_queries(X, Q, d, groups, q0 + t * MR, queries_packed.data() + t * tile_elems);
+        for (int64_t g0 = 0; g0 < groups; g0 += kGroups) {
+          const int64_t gn = std::min(kGroups, groups - g0);
+          for (int64_t p = 0; p < panels; ++p) {
+            const Packed* bp = refs_packed.data() + p * panel_elems + g0 * NR * G;
+            for (int64_t t = 0; t < tiles; ++t)
+              micro(queries_packed.data() + t * tile_elems + g0 * MR * G, bp, gn, C.data() + t * MR * ldc + p * NR,
+                    ldc, g0 > 0);
+          }
+        }
+        epilogue(q0, q1, j0, j1, static_cast<const Acc*>(C.data()), ldc);
+      }
+    });
+  }
+}
+
+}  // namespace diffmem::knn::blocked
