@@ -1,0 +1,86 @@
+"""Facts about the machine and software a benchmark ran on, for the JSON record."""
+from __future__ import annotations
+
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    """CPU model name; /proc/cpuinfo is the most specific source on Linux."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def device_name(device: str, threads: int | None) -> str:
+    """Human-readable device; the CPU thread count is part of it because it sets the speed."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{cpu_model()} {threads or torch.get_num_threads()}t"
+
+
+def slug(text: str) -> str:
+    """File-name-safe lower-case form, e.g. 'AMD EPYC 2t' -> 'amd-epyc-2t'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> str:
+    return _git("rev-parse", "HEAD") or "unknown"
+
+
+def git_dirty() -> bool | None:
+    """True when the tree differs from the commit, so a result can't be tied to it exactly."""
+    if _git("rev-parse", "HEAD") is None:  # no commit to differ from
+        return None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
+
+
+def faiss_info() -> dict:
+    try:
+        import faiss
+    except ImportError as exc:
+        return {"available": False, "error": str(exc)}
+    opts = getattr(faiss, "get_compile_options", lambda: None)()
+    return {"available": True, "version": faiss.__version__, "compile_options": opts}
+
+
+def diffmem_info() -> dict:
+    """Which diffmem was measured and its active native backends.
+
+    Availability means `diffmem.knn` imports: a half-written checkout can still import
+    `diffmem` itself (even as a bare namespace package) without having the API.
+    """
+    try:
+        import diffmem
+        import diffmem.knn  # noqa: F401
+    except Exception as exc:
+        return {"available": False, "error": f"{type(exc).__name__}: {exc}"}
+    info = {"available": True, "version": getattr(diffmem, "__version__", None),
+            "path": getattr(diffmem, "__file__", None)}
+    try:
+        from diffmem import info as dm_info
+        info["backends"] = dm_info.backends()
+    except Exception as exc:  # backends() is optional; its absence is not an error
+        info["backends"] = None
+        info["backends_error"] = f"{type(exc).__name__}: {exc}"
+    return info
