@@ -68,36 +68,47 @@ void for_each_dot_block(const In* X, int64_t Q, const In* Y, int64_t N, int64_t 
   constexpr int64_t G = Layout<In>::group;
   const int64_t groups = (d + G - 1) / G;
   const int64_t panel_elems = groups * NR * G, tile_elems = groups * MR * G;
-  const int64_t q_blocks = (Q + kQueryBlock - 1) / kQueryBlock;
+  // Queries are packed once per super-block of at most ~32 MB (not once per ref block):
+  // memory stays bounded while packing stays a small fraction of the work.
+  const int64_t super_rows =
+      std::max<int64_t>(kQueryBlock, (int64_t(32) << 20) / (d * int64_t(sizeof(In))) / kQueryBlock * kQueryBlock);
   std::vector<Packed> refs_packed(static_cast<size_t>((kRefBlock / NR) * panel_elems));
+  std::vector<In> queries_packed(static_cast<size_t>(std::min(super_rows, (Q + MR - 1) / MR * MR) / MR * tile_elems));
 
-  for (int64_t j0 = 0; j0 < N; j0 += kRefBlock) {
-    const int64_t j1 = std::min(N, j0 + kRefBlock);
-    const int64_t panels = (j1 - j0 + NR - 1) / NR;
-    at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) pack_refs(Y, N, d, groups, j0 + p * NR, refs_packed.data() + p * panel_elems);
+  for (int64_t s0 = 0; s0 < Q; s0 += super_rows) {
+    const int64_t s1 = std::min(Q, s0 + super_rows);
+    const int64_t s_tiles = (s1 - s0 + MR - 1) / MR;
+    at::parallel_for(0, s_tiles, 8, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t)
+        pack_queries(X, Q, d, groups, s0 + t * MR, queries_packed.data() + t * tile_elems);
     });
-    at::parallel_for(0, q_blocks, 1, [&](int64_t b, int64_t e) {
-      const int64_t ldc = panels * NR;
-      std::vector<In> queries_packed(static_cast<size_t>((kQueryBlock / MR) * tile_elems));
-      std::vector<Acc> C(static_cast<size_t>(kQueryBlock * ldc));
-      for (int64_t blk = b; blk < e; ++blk) {
-        const int64_t q0 = blk * kQueryBlock, q1 = std::min(Q, q0 + kQueryBlock);
-        const int64_t tiles = (q1 - q0 + MR - 1) / MR;
-        for (int64_t t = 0; t < tiles; ++t)
-          pack_queries(X, Q, d, groups, q0 + t * MR, queries_packed.data() + t * tile_elems);
-        for (int64_t g0 = 0; g0 < groups; g0 += kGroups) {
-          const int64_t gn = std::min(kGroups, groups - g0);
-          for (int64_t p = 0; p < panels; ++p) {
-            const Packed* bp = refs_packed.data() + p * panel_elems + g0 * NR * G;
-            for (int64_t t = 0; t < tiles; ++t)
-              micro(queries_packed.data() + t * tile_elems + g0 * MR * G, bp, gn, C.data() + t * MR * ldc + p * NR,
-                    ldc, g0 > 0);
+    const int64_t q_blocks = (s1 - s0 + kQueryBlock - 1) / kQueryBlock;
+    for (int64_t j0 = 0; j0 < N; j0 += kRefBlock) {
+      const int64_t j1 = std::min(N, j0 + kRefBlock);
+      const int64_t panels = (j1 - j0 + NR - 1) / NR;
+      at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
+        for (int64_t p = b; p < e; ++p)
+          pack_refs(Y, N, d, groups, j0 + p * NR, refs_packed.data() + p * panel_elems);
+      });
+      at::parallel_for(0, q_blocks, 1, [&](int64_t b, int64_t e) {
+        const int64_t ldc = panels * NR;
+        std::vector<Acc> C(static_cast<size_t>(kQueryBlock * ldc));
+        for (int64_t blk = b; blk < e; ++blk) {
+          const int64_t q0 = s0 + blk * kQueryBlock, q1 = std::min(s1, q0 + kQueryBlock);
+          const int64_t tiles = (q1 - q0 + MR - 1) / MR;
+          const In* a0 = queries_packed.data() + blk * (kQueryBlock / MR) * tile_elems;
+          for (int64_t g0 = 0; g0 < groups; g0 += kGroups) {
+            const int64_t gn = std::min(kGroups, groups - g0);
+            for (int64_t p = 0; p < panels; ++p) {
+              const Packed* bp = refs_packed.data() + p * panel_elems + g0 * NR * G;
+              for (int64_t t = 0; t < tiles; ++t)
+                micro(a0 + t * tile_elems + g0 * MR * G, bp, gn, C.data() + t * MR * ldc + p * NR, ldc, g0 > 0);
+            }
           }
+          epilogue(q0, q1, j0, j1, static_cast<const Acc*>(C.data()), ldc);
         }
-        epilogue(q0, q1, j0, j1, static_cast<const Acc*>(C.data()), ldc);
-      }
-    });
+      });
+    }
   }
 }
 

@@ -28,25 +28,35 @@ inline int32_t load_i32(const void* p) {
 }  // namespace
 
 void pack_refs(const uint8_t* Y, int64_t N, int64_t d, int64_t groups, int64_t r0, int8_t* out) {
+  constexpr int64_t F = 256;  // features per buffered slice (64 groups)
+  alignas(64) uint32_t tmp[NR][F / 4];
   std::memset(out, 0, static_cast<size_t>(groups * NR * 4));
-  const int64_t rows = std::min<int64_t>(NR, N - r0), full = d / 4;
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* src = Y + (r0 + r) * d;
-    for (int64_t g = 0; g < full; ++g) {  // y - 128 flips the top bit of each byte
-      const uint32_t v = static_cast<uint32_t>(load_i32(src + 4 * g)) ^ 0x80808080u;
-      std::memcpy(out + (g * NR + r) * 4, &v, 4);
+  const int64_t rows = std::min<int64_t>(NR, N - r0);
+  for (int64_t f0 = 0; f0 < d; f0 += F) {
+    const int64_t fn = std::min<int64_t>(F, d - f0), gn = (fn + 3) / 4;
+    for (int64_t r = 0; r < rows; ++r) {
+      tmp[r][gn - 1] = 0x80808080u;  // a partial last group: missing bytes become signed 0
+      std::memcpy(tmp[r], Y + (r0 + r) * d + f0, static_cast<size_t>(fn));
     }
-    for (int64_t f = 4 * full; f < d; ++f)
-      out[((f >> 2) * NR + r) * 4 + (f & 3)] = static_cast<int8_t>(static_cast<int>(src[f]) - 128);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(out) + (f0 / 4) * NR;
+    for (int64_t g = 0; g < gn; ++g)
+      for (int64_t r = 0; r < rows; ++r) dst[g * NR + r] = tmp[r][g] ^ 0x80808080u;  // y - 128 flips the top bit
   }
 }
 
+// Through a small row-major buffer: rows of the same matrix lie a multiple of 4 KB apart
+// for common d, so reading them feature by feature would thrash one L1 set, while
+// writing them row by row would scatter every write to a new line.
 void pack_refs(const float* Y, int64_t N, int64_t d, int64_t groups, int64_t r0, float* out) {
+  constexpr int64_t F = 64;
+  alignas(64) float tmp[NR][F];
   std::fill(out, out + groups * NR, 0.0f);
   const int64_t rows = std::min<int64_t>(NR, N - r0);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* src = Y + (r0 + r) * d;
-    for (int64_t f = 0; f < d; ++f) out[f * NR + r] = src[f];
+  for (int64_t f0 = 0; f0 < d; f0 += F) {
+    const int64_t fn = std::min<int64_t>(F, d - f0);
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(tmp[r], Y + (r0 + r) * d + f0, static_cast<size_t>(fn) * 4);
+    for (int64_t f = 0; f < fn; ++f)
+      for (int64_t r = 0; r < rows; ++r) out[(f0 + f) * NR + r] = tmp[r][f];
   }
 }
 
@@ -63,8 +73,8 @@ void pack_queries(const uint8_t* X, int64_t Q, int64_t d, int64_t groups, int64_
 void pack_queries(const float* X, int64_t Q, int64_t d, int64_t groups, int64_t q0, float* out) {
   std::fill(out, out + groups * MR, 0.0f);
   const int64_t rows = std::min<int64_t>(MR, Q - q0);
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t f = 0; f < d; ++f) out[f * MR + i] = X[(q0 + i) * d + f];
+  for (int64_t f = 0; f < d; ++f)
+    for (int64_t i = 0; i < rows; ++i) out[f * MR + i] = X[(q0 + i) * d + f];
 }
 
 #ifdef DIFFMEM_X86

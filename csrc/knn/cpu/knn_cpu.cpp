@@ -175,6 +175,43 @@ std::vector<double> row_sqnorms(const T* p, int64_t rows, int64_t d) {
 // result while it is still in its L2 (128 x 1024 float32 = 512 KB).
 constexpr int64_t kFloatQueryBlock = 128;
 
+// Lower bounds a - e of one query's distances to a run of refs, from their dot products.
+struct RowBounds {
+  double nx, xn, g_dot, g64;
+  const double* ny;
+  const double* yn;
+};
+
+template <typename D>
+inline bool lower_bounds(const RowBounds& r, const D* dots, int64_t n, double bound, double* lo, double* err) {
+  int any = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    const double a = r.nx + r.ny[c] - 2.0 * static_cast<double>(dots[c]);
+    const double s = r.xn + r.yn[c];
+    const double e = 1.25 * (2.0 * r.g_dot * r.xn * r.yn[c] + r.g64 * s * s);
+    lo[c] = a - e;
+    err[c] = e;
+    any |= lo[c] <= bound;
+  }
+  return any != 0;
+}
+
+// The same loop compiled for AVX-512 (8 doubles a lane group); only called where available.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx512f"))) bool lower_bounds_avx512(const RowBounds& r, const float* dots, int64_t n,
+                                                            double bound, double* lo, double* err) {
+  return lower_bounds(r, dots, n, bound, lo, err);
+}
+#else
+bool lower_bounds_avx512(const RowBounds& r, const float* dots, int64_t n, double bound, double* lo, double* err) {
+  return lower_bounds(r, dots, n, bound, lo, err);
+}
+#endif
+template <typename D>
+bool lower_bounds_avx512(const RowBounds& r, const D* dots, int64_t n, double bound, double* lo, double* err) {
+  return lower_bounds(r, dots, n, bound, lo, err);  // float64 products: the BLAS path
+}
+
 template <typename T>
 void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out_dist, int64_t* out_idx) {
   const int64_t Q = X.size(0), N = Y.size(0), d = X.size(1);
@@ -196,20 +233,21 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
   CandidateState state(Q, k, std::max<int64_t>(64, 4 * k));
 
   // Offers refs [n0, n0 + cols) to queries [q0, q1) given their dot products dp (row stride ld).
+  // Offers refs [n0, n0 + cols) to queries [q0, q1) given their dot products dp (row stride
+  // ld). The bounds of a row are computed in one vectorizable pass; almost always none is
+  // below the current k-th upper bound and the row costs nothing more.
   auto scan = [&](const auto* dp, int64_t ld, int64_t q0, int64_t q1, int64_t n0, int64_t cols) {
+    thread_local std::vector<double> lo, err;
+    lo.resize(cols);
+    err.resize(cols);
     for (int64_t q = q0; q < q1; ++q) {
-      const auto* drow = dp + (q - q0) * ld;
-      double bound = state.hi[q * k + k - 1];
-      for (int64_t c = 0; c < cols; ++c) {
-        const int64_t j = n0 + c;
-        const double a = nx[q] + ny[j] - 2.0 * static_cast<double>(drow[c]);
-        const double s = xn[q] + yn[j];
-        const double err = 1.25 * (2.0 * g_dot * xn[q] * yn[j] + g64 * s * s);
-        if (a - err <= bound) {
-          state.offer(q, a - err, a + err, j);
-          bound = state.hi[q * k + k - 1];
-        }
-      }
+      const double bound = state.hi[q * k + k - 1];
+      const RowBounds row{nx[q], xn[q], g_dot, g64, ny.data() + n0, yn.data() + n0};
+      const bool any = fused ? lower_bounds_avx512(row, dp + (q - q0) * ld, cols, bound, lo.data(), err.data())
+                             : lower_bounds(row, dp + (q - q0) * ld, cols, bound, lo.data(), err.data());
+      if (!any) continue;
+      for (int64_t c = 0; c < cols; ++c)
+        if (lo[c] <= state.hi[q * k + k - 1]) state.offer(q, lo[c], lo[c] + 2.0 * err[c], n0 + c);
     }
   };
 
