@@ -255,10 +255,10 @@ void test_errors() {
 int main() {
   const char* force = std::getenv("DIFFMEM_CPU_KERNEL");
   const std::string kernel = cpu_kernels();
-  std::printf("uint8 kernel: %s (DIFFMEM_CPU_KERNEL=%s), %d threads, built with CUDA: %s\n", kernel.c_str(),
+  std::printf("CPU kernels: %s (DIFFMEM_CPU_KERNEL=%s), %d threads, built with CUDA: %s\n", kernel.c_str(),
               force ? force : "", at::get_num_threads(), built_with_cuda() ? "yes" : "no");
-  report(!(force && std::strcmp(force, "generic") == 0) || kernel == "generic-fp32-blocked",
-         "DIFFMEM_CPU_KERNEL=generic selects the portable kernel", "got " + kernel);
+  report(!(force && std::strcmp(force, "generic") == 0) || kernel == "uint8:generic-fp32-blocked float32:blas",
+         "DIFFMEM_CPU_KERNEL=generic selects the portable kernels", "got " + kernel);
 
   Rng rng{20240601};
   test_uint8(rng);
