@@ -1,0 +1,1 @@
+"""Command-line front ends of diffmem (diffmem-train: diffmem.cli.train)."""
