@@ -147,7 +147,7 @@ def test_config_file_and_flags_layer(tmp_path):
     assert info["config"]["batch"] == 16  # flag over file
     assert info["config"]["num_channels"] == preset["num_channels"]  # preset over defaults
     assert info["config"]["skip_connections"] == [1, 1, 0, 1]
-    prefix = f"digits-{preset['size']}-uncond-ddpmpp-vp-c{preset['num_channels']}-b16-"
+    prefix = f"digits-{preset['size']}-uncond-ddpmpp-{preset['precond']}-c{preset['num_channels']}-b16-"
     assert info["run_dir"].startswith(str(tmp_path / prefix))
     assert info["dataset"]["size"] == preset["size"] and not (tmp_path / info["run_dir"]).exists()
 
