@@ -318,8 +318,9 @@ def _train(config, dataset, run_dir, device, resume, on_snapshot, on_step) -> Tr
 
     bar = None
     if is_main and config.progress and _tqdm is not None:
+        # Redrawn 10x a second on a terminal; in a log file, a line every 30 s is plenty.
         bar = _tqdm(total=final_nimg, initial=nimg, unit="img", unit_scale=True, dynamic_ncols=True,
-                    desc="train", file=sys.stderr)
+                    desc="train", file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30)
     session_start = time.time()
     last_checkpoint_time = session_start
     tick_start_time = time.time()
@@ -394,6 +395,10 @@ def _train(config, dataset, run_dir, device, resume, on_snapshot, on_step) -> Tr
                         log_file.flush()
                     if bar is not None:
                         bar.set_postfix(kimg=f"{nimg / 1e3:.1f}", loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    elif is_main and config.progress:
+                        # No tqdm: EDM-style status line per tick.
+                        print(f"kimg {nimg / 1e3:<9.1f} epoch {record['epoch']:<8.0f} loss {mean_loss:<8.4f} "
+                              f"lr {lr:<9.3g} img/s {record['img_per_s']:<7.0f} time {record['time']:.0f} s", flush=True)
                     loss_sum.zero_()
                     loss_count = 0
 
