@@ -8,9 +8,24 @@ import glob
 import os
 
 from setuptools import setup
-from torch.utils import cpp_extension
+
+# torch guesses CUDA_HOME from the first nvcc on PATH; where that is a wrapper (here
+# /usr/local/bin/nvcc) the guess lacks the CUDA libraries and the link fails. The
+# toolkit's standard location is the better guess.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.path.isdir("/usr/local/cuda/lib64"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME on import)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Without a GPU torch cannot pick the CUDA architectures itself (it fails with an
+# IndexError); build for Ampere and Hopper then, as CI does.
+if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
 
 def _want_cuda() -> bool:

@@ -170,6 +170,12 @@ def test_end_to_end_run_writes_every_file(tmp_path):
     assert results["final"]["snapshot"] == "snapshot-000002.pt"
     assert results["evaluation"]["num_samples"] == 16 and results["evaluation"]["seeds"] == "0-15"
     assert results["verdict"] in ("memorized", "not memorized")
+    assert results["complete"] is True
+    from diffmem.training.evaluate import unpack_flags
+
+    for entry in results["snapshots"]:  # per-sample flags, for bootstrapped EMM intervals
+        flags = unpack_flags(entry["memorized_bits"], entry["n_samples"])
+        assert flags.shape == (16,) and int(flags.sum()) == entry["n_memorized"]
     assert "memorization ratio" in result.stdout and "max over 2 snapshots" in result.stdout
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert log[-1]["nimg"] == 2200 and all({"kimg", "loss", "lr", "img_per_s", "time"} <= set(r) for r in log)

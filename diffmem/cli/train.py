@@ -26,7 +26,7 @@ PROG = "diffmem-train"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..training.config import PRESETS, TrainingConfig
+    from ..training.config import PRESETS
 
     parser = argparse.ArgumentParser(
         prog=PROG, argument_default=argparse.SUPPRESS,
@@ -41,12 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue the run from its checkpoint.pt; with RUN_DIR, that run with its saved config")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved options and schedule, then exit")
 
+    add_training_options(parser)
+    return parser
+
+
+def add_training_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per TrainingConfig field (--num-channels for num_channels), grouped by
+    section, with the field's help and default; fields in `exclude` are left out."""
+    from ..training.config import TrainingConfig
+
     sections = {"data": "training set", "arch": "network", "optimizer": "optimization", "device": "performance",
                 "outdir": "output", "samples": "evaluation"}
     group = parser
     for f in dataclasses.fields(TrainingConfig):
         if f.name in sections:
             group = parser.add_argument_group(sections[f.name])
+        if f.name in exclude:
+            continue
         meta = f.metadata
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
@@ -60,7 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kwargs.update(metavar={"int": "INT", "float": "FLOAT", "int_list": "LIST", "duration": "DURATION"}.get(meta["kind"], "STR"))
         group.add_argument(flag, **kwargs)
-    return parser
 
 
 def _one_line(err: BaseException) -> str:

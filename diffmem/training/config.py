@@ -52,6 +52,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         lr=5e-3, batch=256, duration="2400steps", lr_rampup="100ep", ema="50ep", ema_mode="mode1",
         snapshots="4", samples=1000, sample_batch=1000, steps=18, device="cpu", threads=1,
     ),
+    # For EMM searches on the CPU (diffmem emm): the quickstart network with the same
+    # compute at every |D| (1,500 steps of 128; warm-up and EMA in images, not epochs), so
+    # memorization falls as |D| grows; one snapshot, 1,000 samples.
+    "emm-digits": dict(
+        data="digits", subset="first", arch="ddpmpp", precond="edm",
+        num_channels=16, num_blocks=1, channel_mult=[1, 1], attn_resolutions=[], dropout=0.0,
+        lr=3e-3, batch=128, duration="1500steps", lr_rampup="12.8kimg", ema="3.2kimg", ema_mode="mode1",
+        snapshots="1", samples=1000, sample_batch=1000, steps=18, device="cpu", threads=1,
+    ),
 }
 
 

@@ -12,12 +12,14 @@ when a run is resumed. Under torchrun the seeds are split over the processes.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pathlib
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import memorization
@@ -75,12 +77,26 @@ def evaluate_snapshot(path: str | os.PathLike, train_u8: torch.Tensor, config: T
         n_duplicate_training_images=int(sum(len(g) - 1 for g in report.duplicate_groups)),
         grid=pathlib.Path(grid_path).name if grid_path is not None and config.grid_rows > 0 else None,
         seconds=time.time() - start, settings=evaluation_settings(config),
+        memorized_bits=pack_flags(report.memorized),
     )
 
 
-def summarize(entries: list[dict[str, Any]], dataset: ImageDataset, config: TrainingConfig) -> dict[str, Any]:
-    """results.json: per-snapshot entries, the maximum over snapshots and the final one."""
+def pack_flags(flags: np.ndarray) -> str:
+    """Per-sample memorization flags as base64 of np.packbits (1,250 bytes per 10,000
+    samples), so EMM confidence intervals can be bootstrapped from results.json alone."""
+    return base64.b64encode(np.packbits(np.asarray(flags, dtype=bool)).tobytes()).decode("ascii")
+
+
+def unpack_flags(bits: str, count: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(base64.b64decode(bits), dtype=np.uint8), count=count).astype(bool)
+
+
+def summarize(entries: list[dict[str, Any]], dataset: ImageDataset, config: TrainingConfig, *,
+              complete: bool = False) -> dict[str, Any]:
+    """results.json: per-snapshot entries, the maximum over snapshots and the final one.
+    `complete` marks the run's final results (every snapshot of a finished training)."""
     results: dict[str, Any] = dict(
+        complete=complete,
         dataset=dict(data=config.data, name=dataset.name, size=len(dataset), channels=dataset.channels,
                      resolution=list(dataset.resolution), labels=config.label_mode, num_classes=dataset.num_classes),
         evaluation=evaluation_settings(config),
@@ -147,7 +163,9 @@ class RunEvaluator:
             return None
         names = only if only is not None else sorted(self.entries)
         entries = sorted((self.entries[n] for n in names if n in self.entries), key=lambda e: e["nimg"])
-        results = summarize(entries, self.dataset, self.config)
+        # evaluate_all (only given) is the end of a run: every snapshot of it is scored.
+        complete = only is not None and all(n in self.entries for n in only)
+        results = summarize(entries, self.dataset, self.config, complete=complete)
         checkpoint.write_json_atomic(results, self.run_dir / RESULTS_FILE)
         return results
 

@@ -24,7 +24,6 @@ import os
 import pathlib
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -39,6 +38,7 @@ from .data_order import CyclicOrder
 from .ema import EMA, ema_beta
 from .model import build_denoiser, build_loss, cast_output_to_float32, network_spec
 from .schedule import TrainingSchedule, learning_rate
+from .signals import StopRequest
 
 try:
     from tqdm import tqdm as _tqdm
@@ -88,34 +88,6 @@ def derive_seed(seed: int, rank: int, stream: int) -> int:
     """An independent 63-bit seed per (seed, process, stream)."""
     words = np.random.SeedSequence([seed, rank, stream]).generate_state(2, dtype=np.uint32)
     return (int(words[0]) << 31 ^ int(words[1])) & ((1 << 63) - 1)
-
-
-class _StopRequest:
-    """Turns the first SIGINT/SIGTERM into a request to stop after the current step (the
-    loop then saves a checkpoint); a second SIGINT aborts at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        return False
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: the user does not want to wait
-        self.signum = signum
-        if distributed.is_main():
-            print(f"\n{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint "
-                  "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
 
 def _rng_state(device: torch.device, loss_generator: torch.Generator) -> dict:
@@ -328,7 +300,9 @@ def _train(config, dataset, run_dir, device, resume, on_snapshot, on_step) -> Tr
     lr = beta = 0.0
     log_file = open(log_path, "a") if is_main else None
     try:
-        with _StopRequest() as stop:
+        message = ("stopping after this step and saving a checkpoint (Ctrl-C again to abort without saving)"
+                   if distributed.is_main() else None)
+        with StopRequest(message) as stop:
             while nimg < sched.total_nimg:
                 # Gradients of this process's share, accumulated over rounds.
                 optimizer.zero_grad(set_to_none=True)
