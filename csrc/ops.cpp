@@ -29,6 +29,15 @@ TORCH_LIBRARY(diffmem, m) {
   // (squared distances, indices), both (Q, k), ascending, ties by smaller index;
   // squared distances are int64 for uint8 input, float64 otherwise.
   m.def("knn_topk(Tensor queries, Tensor refs, int k) -> (Tensor, Tensor)");
+  // Closed-form optimal denoiser over a training set, streamed with an online softmax:
+  // D = sum_n w_n y_n, w = softmax_n(-||x - scale y_n||^2 / (2 sigma^2)), and the
+  // log-sum-exp of those logits. x (B, d) float32/float64; train (N, d) uint8 (read as
+  // img / 127.5 - 1), bfloat16, float32 (or float64 with float64 x); sigma, scale (B,)
+  // float64; labels (B,) / train_labels (N,) int64 restrict each query to its class; topk > 0
+  // restricts it to its k nearest items (0: all). Returns (D (B, d) in x's dtype, lse (B,) float64).
+  m.def(
+      "optimal_denoise(Tensor x, Tensor train, Tensor sigma, Tensor scale, Tensor? labels, "
+      "Tensor? train_labels, int topk) -> (Tensor, Tensor)");
   m.def("cpu_kernels() -> str", &cpu_kernels);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
 }

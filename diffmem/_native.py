@@ -26,7 +26,7 @@ AVAILABLE = LOAD_ERROR is None
 # CUDA kernels that have never passed their tests on a GPU stay compiled but off: CUDA
 # tensors take the PyTorch path unless DIFFMEM_CUDA_KNN=1. Flip the default per op once
 # its CUDA tests pass on a GPU (and say which GPU in the README).
-_CUDA_VERIFIED = {"knn_topk": False}
+_CUDA_VERIFIED = {"knn_topk": False, "optimal_denoise": False}
 
 
 def built_with_cuda() -> bool:
