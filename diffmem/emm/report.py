@@ -529,7 +529,8 @@ def emm_vs_factor_figure(path: pathlib.Path, entries: list[SweepEntryView], fact
         bracketed = sorted((position(v), v.emm) for v in views
                            if v.emm and v.emm.get("bracketed") and v.emm.get("value") is not None)
         xs, values = [x for x, _ in bracketed], [emm["value"] for _, emm in bracketed]
-        ax.plot(xs, values, marker="o", color=color, label=label)
+        # Categories have no order to join; numbers do.
+        ax.plot(xs, values, marker="o", color=color, label=label, linestyle="none" if categories is not None else "-")
         for x, emm in bracketed:
             if emm.get("ci"):
                 # A bar from lo to hi, not an error bar: a bootstrap interval need not contain the estimate.
@@ -543,7 +544,9 @@ def emm_vs_factor_figure(path: pathlib.Path, entries: list[SweepEntryView], fact
                 ax.plot([position(view)], [bound], marker=marker, markersize=9, markerfacecolor="none", color=color,
                         linestyle="none")
     if categories is not None:
-        ax.set_xticks(range(len(categories)), categories, rotation=20 if len(categories) > 4 else 0)
+        long_labels = len(categories) > 4 or max(len(c) for c in categories) > 12
+        ax.set_xticks(range(len(categories)), categories, rotation=25 if long_labels else 0,
+                      ha="right" if long_labels else "center", fontsize="small")
         ax.set_xlim(-0.5, len(categories) - 0.5)  # keep the end categories off the frame
     elif _log_scale_fits([position(v) for v in entries]):
         _log2_axis(ax, "x")
