@@ -3,6 +3,7 @@
     diffmem train ...                    # the same as diffmem-train
     diffmem emm --preset emm-digits --min 8 --max 1024 --jobs 2 --outdir emm-runs
     diffmem sweep spec.yaml --outdir sweeps/NAME [--devices 0,1] [--entry I] [--aggregate] [--list]
+    diffmem sample --data digits --size 64 [--tikhonov C | --truncate TAU | --topk K] --outdir DIR
     diffmem report RUN_OR_SWEEP_DIR
 
 Errors in the input end with one `diffmem: error: ...` line and exit status 1, no traceback.
@@ -16,7 +17,7 @@ PROG = "diffmem"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import report, sweep
+    from . import report, sample, sweep
 
     parser = argparse.ArgumentParser(prog=PROG, description="Measure memorization in diffusion models.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweeps = commands.add_parser("sweep", help="EMM (or ratio curves) for every entry of a factor grid",
                                  description=sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_sweep_arguments(sweeps)
+    samples = commands.add_parser("sample", help="sample the closed-form optimal denoiser (optionally regularized) "
+                                                 "and measure its memorization")
+    sample.add_arguments(samples)
     reports = commands.add_parser("report", help="a Markdown report with figures of a run or a sweep")
     report.add_arguments(reports)
     return parser
@@ -40,22 +44,12 @@ def _dispatch(argv: list[str]) -> int:
         from .train import main as train_main
 
         return train_main(argv[1:])
-    from . import report, sweep
-    from .train import _one_line
+    from . import report, sample, sweep
+    from .errors import run_command
 
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "emm":
-            return sweep.run_emm_command(args)
-        if args.command == "sweep":
-            return sweep.run_sweep_command(args)
-        return report.run(args)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, ImportError) as err:
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
-        return 1
+    commands = dict(emm=sweep.run_emm_command, sweep=sweep.run_sweep_command, sample=sample.run, report=report.run)
+    return run_command(PROG, lambda: commands[args.command](args))
 
 
 def main(argv: list[str] | None = None) -> int:

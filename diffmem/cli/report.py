@@ -32,22 +32,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError, ImportError) as err:
-        # One line, no traceback: these are problems with the input, not bugs.
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 1
+    """Stand-alone entry point (`python -m diffmem.cli.report`)."""
+    from .errors import standalone_main
+
+    return standalone_main(PROG, __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import shutil
 import sys
 from typing import Any
 
+from .errors import one_line as _one_line
+
 PROG = "diffmem-train"
 
 
@@ -71,15 +73,6 @@ def add_training_options(parser: argparse.ArgumentParser, exclude: tuple[str, ..
         else:
             kwargs.update(metavar={"int": "INT", "float": "FLOAT", "int_list": "LIST", "duration": "DURATION"}.get(meta["kind"], "STR"))
         group.add_argument(flag, **kwargs)
-
-
-def _one_line(err: BaseException) -> str:
-    """A multi-line message (e.g. a list of accepted forms) folded into one line."""
-    parts = [part.strip() for part in (str(err) or type(err).__name__).splitlines() if part.strip()]
-    text = parts[0] if parts else ""
-    for part in parts[1:]:
-        text += (" " if text.endswith(":") else "; ") + part
-    return text
 
 
 def _resolve_config(args: dict[str, Any]):

@@ -273,7 +273,16 @@ def grid_path(run_dir: pathlib.Path, results: dict[str, Any], which: str) -> pat
     return path if path.is_file() else None
 
 
+def _is_closed_form(config: dict[str, Any]) -> bool:
+    """A `diffmem sample` directory: a closed-form denoiser, nothing trained."""
+    return config.get("command") == "diffmem sample"
+
+
 def _model_line(config: dict[str, Any]) -> str:
+    if _is_closed_form(config):
+        settings = {k: v for k, v in (config.get("regularization") or {}).items() if v is not None}
+        shown = ", ".join(f"{k} {v}" for k, v in settings.items())
+        return f"closed-form {config.get('model', 'optimal')} denoiser" + (f" ({shown})" if shown else "")
     options = config.get("config") or {}
     parameters = config.get("parameters")
     text = f"{options.get('arch', '?')}-{options.get('precond', '?')}, num_channels {options.get('num_channels', '?')}"
@@ -356,18 +365,21 @@ def run_report(run_dir: pathlib.Path, report_dir: pathlib.Path, figures_dir: pat
         lines += [f"- memorization ratio: none ({RUN_RESULTS_FILE} is missing: the run has not been evaluated)", ""]
     else:
         lines += _run_summary_lines(results, threshold) + [""]
+    trained = not _is_closed_form(config)  # a closed-form denoiser has no training to draw
     if results and results.get("snapshots"):
-        lines += ["## Snapshots", "", *_snapshot_table(results), "",
-                  "## Memorization ratio over training", "",
-                  _image("memorization ratio over training",
-                         ratio_over_training_figure(figures_dir / "ratio-over-training.png", results, threshold),
-                         report_dir), ""]
-    log = read_log(run_dir / RUN_LOG_FILE)
-    lines += ["## Training loss", ""]
-    if log:
-        lines += [_image("training loss", loss_figure(figures_dir / "loss.png", log), report_dir), ""]
-    else:
-        lines += [f"no training log ({RUN_LOG_FILE} is missing or empty)", ""]
+        lines += ["## Snapshots", "", *_snapshot_table(results), ""]
+        if trained:
+            lines += ["## Memorization ratio over training", "",
+                      _image("memorization ratio over training",
+                             ratio_over_training_figure(figures_dir / "ratio-over-training.png", results, threshold),
+                             report_dir), ""]
+    if trained:
+        log = read_log(run_dir / RUN_LOG_FILE)
+        lines += ["## Training loss", ""]
+        if log:
+            lines += [_image("training loss", loss_figure(figures_dir / "loss.png", log), report_dir), ""]
+        else:
+            lines += [f"no training log ({RUN_LOG_FILE} is missing or empty)", ""]
     if results and results.get("snapshots"):
         lines += ["## Nearest-neighbour grids", "",
                   "Generated samples beside their two nearest training images; memorized samples are framed red.",
