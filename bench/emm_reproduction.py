@@ -13,7 +13,8 @@ DDPM++, with five settings, and four checks of the papers' findings:
 
 Each check says whether it holds and on which numbers. The sweep folder gets the usual
 summary, tables and `diffmem report` figures; the JSON summary goes to --json (default
-bench/results/emm-reproduction-<device>.json). Rerunning resumes the sweep.
+bench/results/emm-reproduction-<device>.json, with the ratio-vs-|D| figure beside it as .png).
+Rerunning resumes the sweep.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import argparse
 import json
 import math
 import pathlib
+import shutil
 import sys
 import time
 
@@ -160,6 +162,9 @@ def main(argv=None) -> int:
     json_path = pathlib.Path(args.json or ROOT / "bench" / "results" / f"emm-reproduction-{slug(device)}.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(record, indent=2) + "\n")
+    figure = sweep_dir / "report-figures" / "ratio-vs-size.png"
+    if report_path is not None and figure.is_file():  # the main figure beside the record
+        shutil.copyfile(figure, json_path.with_suffix(".png"))
     for name, finding in findings.items():
         print(f"{'HOLDS' if finding['holds'] else 'does not hold'}: {name}")
     print(f"{seconds:.0f} s on {device}; summary {json_path}; report {report_path}")
