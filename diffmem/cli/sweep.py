@@ -61,7 +61,8 @@ def add_emm_arguments(parser: argparse.ArgumentParser) -> None:
                        help="bootstrap replicates for a confidence interval of EMM (default: 0, none)")
     group.add_argument("--name", default="emm", help="a name for the reports")
     add_execution_options(parser)
-    add_training_options(parser, exclude=("size", "outdir", "nosubdir"))
+    # --devices decides where runs train, and runs log to files rather than progress bars.
+    add_training_options(parser, exclude=("size", "outdir", "nosubdir", "device", "progress"))
 
 
 def _emm_spec(args: argparse.Namespace) -> dict[str, Any]:
