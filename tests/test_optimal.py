@@ -427,3 +427,135 @@ def test_empirical_optimal_denoiser_options(impl):
     plain = EmpiricalOptimalDenoiser(train)(x, sigma)
     ref, _ = dense_denoise(x.reshape(6, -1), sigma, train)
     assert rel_err(plain, ref) <= 1e-9
+
+
+def test_empirical_optimal_denoiser_float32_precision(impl, monkeypatch):
+    """dtype=torch.float32 hands the op float32 queries (the native op's float32 path) and
+    stays within the 5e-4 budget of the float64 optimum; the output stays float64."""
+    from diffmem.diffusion import EmpiricalOptimalDenoiser
+
+    gen = torch.Generator().manual_seed(10)
+    train = torch.randint(0, 256, (60, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    y = as_rows64(train)
+    seen = []
+    real = optimal.denoise
+    monkeypatch.setattr(optimal, "denoise", lambda x, *a, **k: seen.append(x.dtype) or real(x, *a, **k))
+    den32 = EmpiricalOptimalDenoiser(train, dtype=torch.float32)
+    assert den32.dtype == torch.float32 and den32.to("cpu").dtype == torch.float32
+    assert EmpiricalOptimalDenoiser(train).dtype == torch.float64
+    for sigma in (0.002, 0.1, 1.0, 80.0):
+        x = (y[:5] + sigma * torch.randn(5, y.shape[1], generator=gen, dtype=torch.float64)).reshape(5, 3, 8, 8)
+        D = den32(x, torch.full((5,), sigma, dtype=torch.float64))
+        assert D.dtype == torch.float64 and D.shape == x.shape
+        # the optimum at the float32-rounded queries: what a float32 pipeline can promise
+        ref, _ = dense_denoise(x.float().double().reshape(5, -1), sigma, train)
+        assert rel_err(D, ref) <= TOL, f"sigma={sigma}"
+    assert seen == [torch.float32] * 4
+
+
+def test_empirical_optimal_denoiser_rejects_other_dtypes():
+    from diffmem.diffusion import EmpiricalOptimalDenoiser
+
+    train = torch.zeros(3, 1, 2, 2, dtype=torch.uint8)
+    for dtype in (torch.float16, torch.bfloat16, torch.int64):
+        with pytest.raises(ValueError, match="dtype must be"):
+            EmpiricalOptimalDenoiser(train, dtype=dtype)
+
+
+# ---- bench/optimal.py's --device cuda code path, driven on the CPU -------------------------
+
+
+@pytest.fixture
+def bench_optimal():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import bench.optimal as bench_optimal
+
+    return bench_optimal
+
+
+class _FakeCudaStats:
+    """Stands in for torch.cuda's memory statistics: each call 'allocates' 1000 bytes."""
+
+    def __init__(self):
+        self.resets = 0
+        self.allocated = 0
+
+    def reset_peak_memory_stats(self):
+        self.resets += 1
+
+    def memory_allocated(self):
+        return self.allocated
+
+    def max_memory_allocated(self):
+        self.allocated += 1000
+        return self.allocated
+
+
+@pytest.mark.parametrize("path", ["native", "reference"])
+def test_bench_device_record_on_cpu(bench_optimal, monkeypatch, path):
+    torch.set_num_threads(1)
+    if path == "reference":
+        monkeypatch.setattr(diffmem._native, "use_native", lambda op, device: False)
+    args = bench_optimal.parse_args(["--B", "8", "--N", "200", "--d", "48", "--repeat", "2", "--data", "random",
+                                     "--memory-N", "800", "--sigmas", "0.002,1,80"])
+    syncs = []
+    stats = _FakeCudaStats()
+    rec = bench_optimal.device_record(args, torch.device("cpu"), sync=lambda: syncs.append(1), stats=stats,
+                                      log=lambda msg: None)
+    assert rec["diffmem_path"]["path"] == path
+    floor = "bare_gemm_float64" if path == "reference" else "bare_gemm_float32"
+    assert rec["floor"] == floor and rec["diffmem_path"]["computes_in"] in floor
+    assert rec["tf32"]["cuda_matmul_allow_tf32"] is False
+    assert syncs  # every timed call sits between syncs
+    for dtype in ("uint8", "float32"):
+        assert list(rec["runs"][dtype]) == ["0.002", "1.0", "80.0"]
+        for r in rec["runs"][dtype].values():
+            assert set(r) == {"diffmem", "reference", "bare_gemm_float32", "bare_gemm_float64", "targets"}
+            assert len(r["diffmem"]["times_s"]) == 2 and r["diffmem"]["ratio_vs_diffmem"] == 1.0
+            assert r["diffmem"]["rel_err_vs_float64"] <= TOL and r["reference"]["rel_err_vs_float64"] <= 1e-3
+            assert "rel_err_vs_float64" not in r[floor]
+            (ref_t, floor_t) = r["targets"]
+            assert ref_t["method"] == "reference" and ref_t["op"] == ">=" and ref_t["value"] == 5.0
+            assert floor_t["method"] == floor and floor_t["op"] == "<=" and floor_t["value"] == 2.0
+            assert floor_t["measured"] == pytest.approx(r["diffmem"]["median_s"] / r[floor]["median_s"])
+            assert isinstance(ref_t["pass"], bool)
+        mem = rec["memory"][dtype]
+        assert set(mem) == {"N200", "N800"}
+        assert mem["N800"]["dense_B_by_N_float32_bytes"] == 8 * 800 * 4
+        assert mem["N200"]["peak_allocated_growth_bytes"] == 1000
+    assert stats.resets == 4
+    assert rec["targets_all_pass"] in (True, False)
+    text = bench_optimal.device_table(rec)
+    assert f"floor = {floor}" in text and "memory float32 N800" in text
+
+
+def test_bench_memory_growth_counts_from_before_the_call(bench_optimal):
+    stats = _FakeCudaStats()
+    stats.allocated = 5000  # already allocated before the call: not growth
+    order = []
+    growth = bench_optimal.memory_growth(lambda: order.append("call"), stats, lambda: order.append("sync"))
+    assert growth == 1000 and stats.resets == 1 and order == ["sync", "call", "sync"]
+
+
+def test_bench_defaults_and_file_names(bench_optimal):
+    cpu = bench_optimal.parse_args([])
+    assert (cpu.B, cpu.N, cpu.d, cpu.memory_N, cpu.threads) == (64, 5000, 3072, 20000, 2)
+    gpu = bench_optimal.parse_args(["--device", "cuda"])
+    assert (gpu.B, gpu.N, gpu.d, gpu.memory_N, gpu.threads) == (512, 50000, 3072, 12500, None)
+    assert bench_optimal.default_out(cpu, "Intel Xeon 2t").name == "optimal-cpu-intel-xeon-2t.json"
+    assert bench_optimal.default_out(gpu, "NVIDIA H200").name == "optimal-cuda-nvidia-h200.json"
+    small = bench_optimal.parse_args(["--device", "cuda", "--N", "1000"])
+    assert bench_optimal.default_out(small, "NVIDIA H200").name == "optimal-cuda-nvidia-h200-N1000.json"
+    with pytest.raises(SystemExit):
+        bench_optimal.parse_args(["--B", "10", "--N", "5"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_bench_cuda_without_gpu_fails_clearly():
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "optimal.py")
+    proc = subprocess.run([sys.executable, script, "--device", "cuda"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", DIFFMEM_QUIET="1"))
+    assert proc.returncode == 1 and "no CUDA device available" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -126,3 +126,51 @@ def test_falls_check_can_fail(study):
     assert not study.falls_from_one_to_zero([0.8, 0.5, 0.0])["holds"]
     assert not study.falls_from_one_to_zero([1.0, 0.5, 0.2])["holds"]
     assert study.falls_from_one_to_zero([0.99, 0.4, 0.05, 0.0])["holds"]
+
+
+# ---- compute precision (--precision) ------------------------------------------------------
+
+
+def test_precision_defaults_to_float64_and_is_recorded(plain_run):
+    r = results(plain_run)
+    assert r["precision"] == "float64"
+    assert r["snapshots"][0]["settings"]["precision"] == "float64"
+    assert r["evaluation"]["precision"] == "float64"
+    config = json.loads((plain_run / "config.json").read_text())
+    assert config["precision"] == "float64" and config["config"]["precision"] == "float64"
+
+
+def test_float32_precision_samples_the_same_copies(tmp_path, plain_run):
+    # float32 (the native CPU op's float32 path) must not change a memorization verdict.
+    assert run_sample(tmp_path, "--precision", "float32") == 0
+    r, plain = results(tmp_path), results(plain_run)
+    assert r["precision"] == "float32" and r["snapshots"][0]["settings"]["precision"] == "float32"
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["precision"] == "float32"
+    entry, plain_entry = r["snapshots"][0], plain["snapshots"][0]
+    assert entry["ratio"] == plain_entry["ratio"] and entry["memorized_bits"] == plain_entry["memorized_bits"]
+    assert entry["knn_distance"] == pytest.approx(plain_entry["knn_distance"], rel=1e-3, abs=1e-4)
+
+
+def test_precision_reaches_the_denoiser(monkeypatch):
+    from diffmem.data import ImageDataset  # noqa: F401  (the dataset type optimal_denoiser reads)
+
+    class Data:
+        images = torch.randint(0, 256, (6, 1, 4, 4), dtype=torch.uint8)
+        labels, num_classes = None, 0
+
+        def __len__(self):
+            return 6
+
+    options = dict(tikhonov=None, truncate=None, truncate_convention=None, topk=None)
+    for precision, dtype in (("float64", torch.float64), ("float32", torch.float32)):
+        den = sample.optimal_denoiser(Data(), options, False, 0.002, 80.0, "cpu", precision=precision)
+        assert den.dtype == dtype and den.to("cpu").dtype == dtype
+    assert sample.optimal_denoiser(Data(), options, False, 0.002, 80.0, "cpu").dtype == torch.float64
+    with pytest.raises(ValueError, match="--precision"):
+        sample.optimal_denoiser(Data(), options, False, 0.002, 80.0, "cpu", precision="float16")
+
+
+def test_bad_precision_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_sample(tmp_path / "out", "--precision", "float16")
+    assert exc.value.code == 2 and "--precision" in capsys.readouterr().err
