@@ -23,6 +23,7 @@ import urllib.parse
 from typing import Any, Callable
 
 from ..training.checkpoint import write_atomic
+from .summary import format_number
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "report-figures"
@@ -150,20 +151,12 @@ def _ratio(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _number(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def emm_text(emm: dict[str, Any] | None) -> tuple[str, str]:
     """(EMM value, bracket) as table text: '41.3', '32..64'; '>= 64', '64..'; '< 16', '..16'."""
     if emm is None:
         return "n/a", ""
     if emm.get("bracketed"):
-        return _number(emm.get("value")), f"{emm['lower']}..{emm['upper']}"
+        return format_number(emm.get("value")), f"{emm['lower']}..{emm['upper']}"
     if emm.get("lower") is None:
         return f"< {emm.get('upper')}", f"..{emm.get('upper')}"
     return f">= {emm['lower']}", f"{emm['lower']}.."
@@ -324,7 +317,7 @@ def _run_summary_lines(results: dict[str, Any], threshold: float) -> list[str]:
 
 def _snapshot_table(results: dict[str, Any]) -> list[str]:
     rows = [[s.get("snapshot", ""), f"{s.get('kimg', 0):g}", f"{s.get('epochs', 0):g}", _ratio(s.get("ratio")),
-             f"{s.get('n_memorized', '?')}/{s.get('n_samples', '?')}", _number(s.get("knn_distance"), 2)]
+             f"{s.get('n_memorized', '?')}/{s.get('n_samples', '?')}", format_number(s.get("knn_distance"), 2)]
             for s in sorted(results.get("snapshots") or [], key=lambda s: s.get("nimg", 0))]
     return _table(["snapshot", "kimg", "epochs", "ratio", "memorized", "knn distance"], rows)
 

@@ -113,7 +113,8 @@ def build_summary(spec: SweepSpec, progress: list[EntryProgress], sweep_dir: str
                 entries=entries)
 
 
-def _fmt(value: Any, digits: int = 1) -> str:
+def format_number(value: Any, digits: int = 1) -> str:
+    """A table cell: '' for None, floats with `digits` decimals."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -162,12 +163,12 @@ def emm_markdown(summary: dict[str, Any]) -> str:
         if emm is None:
             value, bracket = "", ""
         elif emm["bracketed"]:
-            value, bracket = _fmt(emm["value"]), f"{emm['lower']}..{emm['upper']}"
+            value, bracket = format_number(emm["value"]), f"{emm['lower']}..{emm['upper']}"
         elif emm["lower"] is None:
             value, bracket = f"< {emm['upper']}", f"..{emm['upper']}"
         else:
             value, bracket = f">= {emm['lower']}", f"{emm['lower']}.."
-        ci = f"{_fmt(row['ci_low'])}..{_fmt(row['ci_high'])}" if row["ci_low"] is not None else ""
+        ci = f"{format_number(row['ci_low'])}..{format_number(row['ci_high'])}" if row["ci_low"] is not None else ""
         monotone = "" if row["monotone"] is None else ("yes" if row["monotone"] else "no")
         cells = [str(row["index"]), *[str(row[f]) for f in factors], value, bracket, ci, monotone, str(row["runs"]),
                  row["status"]]
