@@ -58,11 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path,
                    help="JSON path (default: bench/results/knn-<device-slug>.json)")
     args = p.parse_args(argv)
-    for key, value in DEFAULT_SIZES[args.device].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.threads is None and args.device == "cpu":
-        args.threads = 2
+    machine.resolve_device_defaults(p, args, DEFAULT_SIZES[args.device])
     args.dtypes = [t for t in args.dtype.split(",") if t]
     bad = set(args.dtypes) - {"uint8", "float32"}
     if bad:

@@ -84,3 +84,17 @@ def diffmem_info() -> dict:
         info["backends"] = None
         info["backends_error"] = f"{type(exc).__name__}: {exc}"
     return info
+
+
+def resolve_device_defaults(parser, args, defaults: dict, positive: tuple[str, ...] = ()) -> None:
+    """Fill the options left unset with the device's defaults (sizes differ between CPU
+    and GPU runs), default to 2 CPU threads (the project's machines), and refuse
+    non-positive values of the `positive` options."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.threads is None and args.device == "cpu":
+        args.threads = 2
+    for key in positive:
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1")

@@ -72,14 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="JSON path (default: bench/results/optimal-<device>.json; "
                                             "non-default sizes get a suffix)")
     args = p.parse_args(argv)
-    for key, value in DEFAULT_SIZES[args.device].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.threads is None and args.device == "cpu":
-        args.threads = 2
-    for key in ("B", "N", "d", "memory_N", "repeat"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be >= 1")
+    machine.resolve_device_defaults(p, args, DEFAULT_SIZES[args.device], ("B", "N", "d", "memory_N", "repeat"))
     if args.B > args.N:
         p.error(f"--B ({args.B}) must not exceed --N ({args.N}): queries are noisy training rows")
     args.sigma_list = [float(s) for s in args.sigmas.split(",") if s]

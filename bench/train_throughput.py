@@ -108,14 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path,
                    help="JSON path (default: bench/results/train-throughput-<device-slug>.json)")
     args = p.parse_args(argv)
-    for key, value in {**DEFAULT_SIZES[args.device], **DEFAULT_STEPS[args.device]}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.threads is None and args.device == "cpu":
-        args.threads = 2
-    for key in ("channels", "blocks", "resolution", "batch", "steps"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key} must be >= 1")
+    machine.resolve_device_defaults(p, args, {**DEFAULT_SIZES[args.device], **DEFAULT_STEPS[args.device]},
+                                    ("channels", "blocks", "resolution", "batch", "steps"))
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first step compiles and is never timed)")
     if args.resolution % 4:
