@@ -174,3 +174,17 @@ def test_bad_precision_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run_sample(tmp_path / "out", "--precision", "float16")
     assert exc.value.code == 2 and "--precision" in capsys.readouterr().err
+
+
+def test_tikhonov_experiment_script_runs(tmp_path):
+    """bench/optimal_memorization.py drives this CLI's parser: a tiny run end to end."""
+    sys.path.insert(0, str(ROOT))
+    from bench import optimal_memorization
+
+    out = tmp_path / "record.json"
+    code = optimal_memorization.main(["--data", "digits", "--size", "20", "--samples", "20", "--steps", "4",
+                                      "--tikhonov", "0,1", "--held-out", "", "--workdir", str(tmp_path / "runs"),
+                                      "--json", str(out)])
+    assert code in (0, None)
+    record = json.loads(out.read_text())
+    assert record["plain_memorizes"]["holds"] and record["plain_memorizes"]["ratio"] >= 0.99

@@ -28,10 +28,15 @@ def run_command(prog: str, run: Callable[[], int]) -> int:
         return 1
 
 
-def standalone_main(prog: str, description: str | None, add_arguments, run, argv: list[str] | None) -> int:
-    """`python -m diffmem.cli.<command>`: the subcommand's parser and run(), on its own."""
+def command_parser(prog: str, description: str | None, add_arguments) -> argparse.ArgumentParser:
+    """A subcommand's options as a parser of its own."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def standalone_main(prog: str, description: str | None, add_arguments, run, argv: list[str] | None) -> int:
+    """`python -m diffmem.cli.<command>`: the subcommand's parser and run(), on its own."""
+    args = command_parser(prog, description, add_arguments).parse_args(argv)
     return run_command(prog, lambda: run(args))

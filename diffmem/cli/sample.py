@@ -267,6 +267,13 @@ def _describe(options: dict[str, Any]) -> str:
     return "(" + (", ".join(used) if used else "plain") + ")"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The options alone (scripts such as bench/optimal_memorization.py parse with it)."""
+    from .errors import command_parser
+
+    return command_parser(PROG, __doc__, add_arguments)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point (`python -m diffmem.cli.sample`)."""
     from .errors import standalone_main
