@@ -173,31 +173,19 @@ def evaluate_model(denoiser, dataset, config, *, name: str, grid_path: pathlib.P
                    sigma_min: float, sigma_max: float, device) -> tuple[dict[str, Any], Any]:
     """Sample seeds 0..samples-1, score them against the training set and draw the grid.
     Returns the results.json snapshot entry and the memorization report."""
-    from .. import memorization
-    from ..diffusion import euler_sampler, generate, heun_sampler
-    from ..training.evaluate import evaluation_settings, pack_flags
-    from ..training.grid import save_nn_grid
+    from ..diffusion import generate
+    from ..training.evaluate import SAMPLERS_BY_NAME, evaluation_settings, score_samples
 
     start = time.time()
-    sampler = {"heun": heun_sampler, "euler": euler_sampler}[config.sampler]
     samples = generate(denoiser, range(config.samples), batch_size=config.sample_batch, device=device,
-                       class_labels="random", sampler=sampler, progress=config.progress,
+                       class_labels="random", sampler=SAMPLERS_BY_NAME[config.sampler], progress=config.progress,
                        num_steps=config.steps, sigma_min=sigma_min, sigma_max=sigma_max)
-    report = memorization.evaluate(samples, dataset.images, device=device)
-    drawn = grid_path is not None and config.grid_rows > 0
-    if drawn:
-        save_nn_grid(grid_path, samples, dataset.images, report.nn_index, report.nn_dist, report.memorized,
-                     rows=config.grid_rows)
+    scores, report = score_samples(samples, dataset.images, config, grid_path=grid_path, device=device)
     # The fields of a trained snapshot's entry; a closed-form model has no training time.
     entry = dict(
-        snapshot=name, nimg=0, kimg=0.0, step=0, epochs=0.0, ratio=report.ratio,
-        n_memorized=int(report.memorized.sum()), n_samples=report.n_samples, knn_distance=report.knn_distance,
-        hidden_copies=report.hidden_copies,
-        n_duplicate_training_images=int(sum(len(g) - 1 for g in report.duplicate_groups)),
-        grid=grid_path.name if drawn else None, seconds=time.time() - start,
+        snapshot=name, nimg=0, kimg=0.0, step=0, epochs=0.0, **scores, seconds=time.time() - start,
         settings=dict(evaluation_settings(config), weights="closed form", sigma_min=sigma_min, sigma_max=sigma_max,
                       precision=_precision(denoiser)),
-        memorized_bits=pack_flags(report.memorized),
     )
     return entry, report
 

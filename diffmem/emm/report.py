@@ -23,15 +23,13 @@ import urllib.parse
 from typing import Any, Callable
 
 from ..training.checkpoint import write_atomic
-from .summary import format_number
+from ..training.evaluate import RESULTS_FILE as RUN_RESULTS_FILE
+from ..training.loop import LOG_FILE as RUN_LOG_FILE
+from .summary import SUMMARY_FILE, SUMMARY_FORMAT, format_number
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "report-figures"
 RUN_CONFIG_FILE = "config.json"
-RUN_RESULTS_FILE = "results.json"
-RUN_LOG_FILE = "log.jsonl"
-SUMMARY_FILE = "summary.json"
-SUMMARY_FORMAT = "diffmem-sweep-summary"
 DEFAULT_EPS = 0.1
 FIGURE_SIZE = (6.4, 4.0)
 FIGURE_DPI = 100

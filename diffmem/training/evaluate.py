@@ -32,7 +32,7 @@ from .model import load_denoiser
 
 RESULTS_FILE = "results.json"
 MEMORIZED_THRESHOLD = 0.9  # EMM's 1 - eps with eps = 0.1
-_SAMPLERS = {"heun": heun_sampler, "euler": euler_sampler}
+SAMPLERS_BY_NAME = {"heun": heun_sampler, "euler": euler_sampler}
 
 
 def evaluation_settings(config: TrainingConfig) -> dict[str, Any]:
@@ -48,7 +48,7 @@ def generate_samples(denoiser, num_samples: int, *, batch_size: int, device, sam
     seeds = torch.arange(num_samples).tensor_split(distributed.world_size())[distributed.rank()]
     if len(seeds):
         mine = generate(denoiser, seeds.tolist(), batch_size=batch_size, device=device, class_labels="random",
-                        sampler=_SAMPLERS[sampler], progress=progress, num_steps=num_steps)
+                        sampler=SAMPLERS_BY_NAME[sampler], progress=progress, num_steps=num_steps)
     else:
         mine = torch.empty(0, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution, dtype=torch.uint8)
     return torch.cat(distributed.gather_objects(mine))
@@ -66,19 +66,28 @@ def evaluate_snapshot(path: str | os.PathLike, train_u8: torch.Tensor, config: T
                                progress=config.progress and distributed.is_main())
     if not distributed.is_main():
         return None
+    scores, _ = score_samples(samples, train_u8, config, grid_path=grid_path, device=device)
+    return dict(
+        snapshot=path.name, nimg=int(meta["nimg"]), kimg=float(meta["kimg"]), step=int(meta["step"]),
+        epochs=float(meta["epochs"]), **scores, seconds=time.time() - start, settings=evaluation_settings(config),
+    )
+
+
+def score_samples(samples: torch.Tensor, train_u8: torch.Tensor, config: TrainingConfig, *,
+                  grid_path: str | os.PathLike | None, device) -> tuple[dict[str, Any], memorization.MemorizationReport]:
+    """The memorization fields of a results.json snapshot entry for uint8 samples (and the
+    PNG grid at grid_path when config.grid_rows > 0), with the full report."""
     report = memorization.evaluate(samples, train_u8, device=device)
-    if grid_path is not None and config.grid_rows > 0:
+    drawn = grid_path is not None and config.grid_rows > 0
+    if drawn:
         save_nn_grid(grid_path, samples, train_u8, report.nn_index, report.nn_dist, report.memorized,
                      rows=config.grid_rows)
     return dict(
-        snapshot=path.name, nimg=int(meta["nimg"]), kimg=float(meta["kimg"]), step=int(meta["step"]),
-        epochs=float(meta["epochs"]), ratio=report.ratio, n_memorized=int(report.memorized.sum()),
-        n_samples=report.n_samples, knn_distance=report.knn_distance, hidden_copies=report.hidden_copies,
+        ratio=report.ratio, n_memorized=int(report.memorized.sum()), n_samples=report.n_samples,
+        knn_distance=report.knn_distance, hidden_copies=report.hidden_copies,
         n_duplicate_training_images=int(sum(len(g) - 1 for g in report.duplicate_groups)),
-        grid=pathlib.Path(grid_path).name if grid_path is not None and config.grid_rows > 0 else None,
-        seconds=time.time() - start, settings=evaluation_settings(config),
-        memorized_bits=pack_flags(report.memorized),
-    )
+        grid=pathlib.Path(grid_path).name if drawn else None, memorized_bits=pack_flags(report.memorized),
+    ), report
 
 
 def pack_flags(flags: np.ndarray) -> str:
