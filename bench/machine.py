@@ -12,14 +12,25 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:
-    """CPU model name; /proc/cpuinfo is the most specific source on Linux."""
+    """CPU model name; /proc/cpuinfo is the most specific source on Linux.
+
+    Virtual machines often report a bare family name ("AMD EPYC", "Intel(R) Xeon(R)
+    Processor") for CPUs of different generations and speeds; the name then gets the
+    CPUID family and model, so records of different CPUs don't share a name.
+    """
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine() or "unknown-cpu"
+    if not re.search(r"\d", name) and "cpu family" in fields and "model" in fields:
+        name = f"{name} family {fields['cpu family']} model {fields['model']}"
+    return name
 
 
 def device_name(device: str, threads: int | None) -> str:
