@@ -27,6 +27,9 @@ AVAILABLE = LOAD_ERROR is None
 # tensors take the PyTorch path unless DIFFMEM_CUDA_KNN=1. Flip the default per op once
 # its CUDA tests pass on a GPU (and say which GPU in the README).
 _CUDA_VERIFIED = {"knn_topk": False, "optimal_denoise": False}
+# Ops whose CUDA kernel is registered from Python (composed of torch/cuBLAS calls), so it
+# exists without a CUDA build of the extension: diffmem/optimal_stream.py.
+_CUDA_FROM_PYTHON = {"optimal_denoise"}
 
 
 def built_with_cuda() -> bool:
@@ -39,7 +42,7 @@ def cpu_kernels() -> str | None:
 
 def cuda_enabled(op: str) -> bool:
     """Whether the native CUDA kernel of `op` is used for CUDA tensors."""
-    if not built_with_cuda():
+    if not (built_with_cuda() or (AVAILABLE and op in _CUDA_FROM_PYTHON)):
         return False
     flag = os.environ.get("DIFFMEM_CUDA_" + op.split("_")[0].upper())
     if flag is not None:

@@ -10,7 +10,10 @@ items y_1..y_N, the minimizer of the denoising loss is the posterior mean
 
 and its score is s = (m D - x) / sigma^2. The native op streams over the training set with
 an online softmax (memory O(B d), never B x N), in float32 (float64 when an input is
-float64) with float64 logits where float32 would lose them; see csrc/denoiser/cpu.
+float64) with float64 logits where float32 would lose them; see csrc/denoiser/cpu. On CUDA
+the op streams on float16 tensor cores with the same precision rules
+(diffmem/optimal_stream.py); until that path has passed its tests on a GPU it is off by
+default (DIFFMEM_CUDA_OPTIMAL=1 turns it on) and CUDA tensors take the float64 reference.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _native
+from . import _native, optimal_stream
 from .reference import optimal as _reference
 
 CONVENTIONS = ("kernel", "density")
@@ -32,6 +35,13 @@ if _native.AVAILABLE:
     @torch.library.register_fake("diffmem::optimal_denoise")
     def _optimal_denoise_fake(x, train, sigma, scale, labels, train_labels, topk):
         return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=torch.float64)
+
+    @torch.library.register_kernel("diffmem::optimal_denoise", "cuda")
+    def _optimal_denoise_cuda(x, train, sigma, scale, labels, train_labels, topk):
+        """The CUDA kernel: streaming on tensor cores (diffmem/optimal_stream.py) where it
+        applies; float64 input and top-k take the float64 reference."""
+        impl = optimal_stream if optimal_stream.handles(x, train, topk) else _reference
+        return impl.optimal_denoise(x, train, sigma, scale, labels, train_labels, topk)
 
 
 def denoise(

@@ -1,0 +1,247 @@
+"""diffmem::optimal_denoise on GPUs: streaming over the training set on tensor cores.
+
+The same contract as the op (csrc/ops.cpp; topk 0 only, float32 x): for x (B, d) and
+training rows y_n (uint8 read as img / 127.5 - 1, bfloat16 or float32),
+
+    D = sum_n w_n y_n,  w = softmax_n(l_n),  l_n = -||x - m y_n||^2 / (2 sigma^2),
+
+and lse = log sum_n exp(l_n). Chunks of the training set stream past all queries with an
+online softmax (running max, sum and weighted sum), so memory is O(B d + B * chunk).
+
+Precision. Both products run as float16 GEMMs with float32 accumulation and output (the
+tensor cores' fast path), which is why a logit needs care:
+  * x . y_n: x is split into two float16 terms, x = hi + lo + O(2^-22 |x|), and both are
+    multiplied by the rows, which are exact in float16 (uint8 pixel values 0..255,
+    bfloat16 in range) or split the same way (float32 rows: hi . y_hi + lo . y_hi +
+    hi . y_lo). What is left is the float32 accumulation, about what a float32 GEMM errs.
+  * The expansion logit l = (2 m x.y - m^2 ||y||^2 - ||x||^2) / (2 sigma^2) then carries
+    a rigorous error bound E and an estimate A (the same rounding model as the CPU op,
+    csrc/denoiser/cpu/optimal_cpu.cpp). Items whose logit is, by E, more than NEGLIGIBLE
+    below the row's best weigh < e^-50 and are dropped; items with A <= LOGIT_TOL keep the
+    expansion logit; the others (the few nearest items at small sigma, near-ties) get
+    ||x - m y_n||^2 by direct differences in float64, or, where a chunk has many of them,
+    the chunk's dot products come from one float64 GEMM.
+  * Weights exp(l - max) in [0, 1] are scaled by 2^15 before rounding to float16 (so
+    nothing that matters underflows) and the sum of the *rounded* weights is the
+    denominator: D is an exact convex combination of slightly perturbed weights (relative
+    perturbation <= 2^-11 each), so its error stays far below the 5e-4 budget in practice.
+The tensor-core product `mm_f16_f32` is torch.mm(..., out_dtype=float32) on CUDA; on the
+CPU (tests) it is emulated by a float32 product of the same float16 operands, which is
+exact product by product (11-bit by 11-bit mantissas), so only the summation order differs.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+NEGLIGIBLE = 50.0  # e^-50 = 2e-22 relative weight: cannot move D
+LOGIT_TOL = 2e-4  # largest accepted error estimate of an expansion logit (as the CPU op)
+WEIGHT_SCALE = 2.0**15  # weights in (0, 1] -> (0, 2^15] before rounding to float16
+EXACT_BATCH = 1024  # (query, item) pairs per direct-difference batch
+DENSE_FRACTION = 1 / 16  # above this share of inexact items a chunk takes the float64 GEMM
+U32 = 2.0**-23  # float32 accumulation, counted as truncation (one ulp)
+U64 = 2.0**-53
+SPLIT = 2.0**-21  # |v - hi - lo| <= 2^-22 |v| per float16 split; doubled for the dropped lo.lo
+F16_MAX_SAFE = 2.0**14  # |x| is scaled by a power of two below this before the split
+
+
+def chunk_rows(B: int, N: int) -> int:
+    """Training rows per chunk: ~2^22 logits per chunk (B x chunk float32 is 16 MB)."""
+    return int(max(256, min(N, 16384, (1 << 22) // max(1, B))))
+
+
+def mm_f16_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) @ b (K, N) for float16 operands with float32 accumulation and result; with
+    `out` (float32), out + a @ b in place."""
+    if a.is_cuda:
+        if out is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    if out is None:
+        return torch.mm(a.float(), b.float())
+    return out.addmm_(a.float(), b.float())
+
+
+def split_f16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """v (float32/float64) = hi + lo + O(2^-22 |v|) with hi, lo float16; |v| < 2^15."""
+    hi = v.to(torch.float16)
+    lo = (v - hi.to(v.dtype)).to(torch.float16)
+    return hi, lo
+
+
+def _pow2_scale(top: float) -> float:
+    """A power of two s with max |s v| <= 2^14 for max |v| = top: float16 neither
+    overflows nor, for what matters, underflows; multiplying by s is exact."""
+    if not math.isfinite(top):
+        raise ValueError("optimal_denoise: train contains NaN or inf")
+    if top == 0.0:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(F16_MAX_SAFE / top))
+
+
+class _Rows:
+    """One chunk of training rows in the forms the products need: float16 terms `hi` (+
+    `lo`) of the product rows p_n, with y_n = a p_n + b: uint8 pixels v give p = v - 128
+    (exact in float16), a = 1 / 127.5, b = 0.5 / 127.5; float rows p = s_y y (a power of
+    two s_y), a = 1 / s_y, b = 0. bfloat16 rows are exact in float16 (8 of its 11 bits;
+    values below 2^-24 of the largest excepted) and need no second term."""
+
+    def __init__(self, train: torch.Tensor, n0: int, n1: int, s_y: float):
+        rows = train[n0:n1]
+        self.raw = rows
+        self.uint8 = rows.dtype == torch.uint8
+        if self.uint8:
+            p64 = rows.double() - 128.0
+            self.hi, self.lo = (rows.to(torch.int16) - 128).to(torch.float16), None
+            self.a, self.b = 1.0 / 127.5, 0.5 / 127.5
+            self.ny = (p64 + 0.5).square().sum(1) / 127.5**2
+        else:
+            p32 = rows.float() * s_y
+            self.hi, self.lo = split_f16(p32)
+            if rows.dtype == torch.bfloat16:
+                self.lo = None
+            self.a, self.b = 1.0 / s_y, 0.0
+            p64 = p32.double()
+            self.ny = rows.double().square().sum(1)
+        self.pn = p64.square().sum(1).sqrt()[None]  # ||p_n||, for the error model of x . p
+        self.yn = self.ny.sqrt()[None]
+
+    def as_float64(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        r = self.raw if idx is None else self.raw[idx]
+        return r.double() / 127.5 - 1.0 if self.uint8 else r.double()
+
+
+def chunk_logits(t, x_sum, nx, xn, ny, pn, m, inv, a: float, b: float, run_max, excluded, u: float, split: float,
+                 d: int):
+    """From t = x . p (float32 accumulation of unit u and float16 splits leaving a relative
+    residual `split`; u = 2^-53, split = 0 for the float64 fallback): the
+    row references ref (B, 1), the logits relative to them (-inf for negligible or
+    excluded items; float64, as ref can lie far below the best logit when its bound is wide) and which kept items have a too inexact logit. One pass of
+    elementwise work, written to be fused by torch.compile."""
+    t = t.double()
+    dot = a * t + b * x_sum  # x . y
+    xp = xn * pn
+    # error of x . y: an estimate (accumulated rounding, coherent and incoherent parts, see
+    # the CPU op) and a rigorous bound (gamma_d per product, up to three products, splits)
+    err = a * (u * (math.sqrt(d) * t.abs() + 3.0 * xp) + split * xp)
+    bound = a * 1.25 * (3.0 * d * u + 2.0 * split) * xp
+    L = -(nx + m * m * ny - 2.0 * m * dot) * inv
+    sums = U64 * 4 * (nx + m * m * ny + 2.0 * m * dot.abs())
+    E = (2.0 * m * bound + 1.25 * sums) * inv
+    A = (2.0 * m * err + sums) * inv
+    if excluded is not None:
+        L = L.masked_fill(excluded, -math.inf)
+    ref = torch.maximum(run_max, (L - E).amax(1, keepdim=True))
+    keep = torch.isfinite(L) & ((L + E) >= ref - NEGLIGIBLE)
+    rel = torch.where(keep, L - ref, -math.inf)
+    return ref, rel, keep & (A > LOGIT_TOL)
+
+
+def chunk_weights(rel, ref, run_max):
+    """Online softmax step: the new running max, the factor the old state is rescaled by,
+    the chunk's weights exp(l - max) * 2^15 in float16 and their (rounded) row sums."""
+    chunk_max = rel.amax(1, keepdim=True) + ref
+    new_max = torch.maximum(run_max, chunk_max)
+    safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+    factor = torch.where(torch.isfinite(run_max), torch.exp(run_max - safe_max), torch.zeros_like(run_max))
+    shift = torch.where(torch.isfinite(ref), ref - safe_max, torch.zeros_like(ref))
+    w = (torch.exp(rel + shift) * WEIGHT_SCALE).to(torch.float16)
+    return new_max, factor, w, w.double().sum(1, keepdim=True)
+
+
+def _stages(device: torch.device):
+    """The elementwise stages, compiled into fused kernels by torch.compile where
+    DIFFMEM_OPTIMAL_COMPILE says so (default: on CUDA only; "1" everywhere, "0" never)."""
+    flag = os.environ.get("DIFFMEM_OPTIMAL_COMPILE")
+    if not (flag == "1" or (flag is None and device.type == "cuda")):
+        return chunk_logits, chunk_weights
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = (torch.compile(chunk_logits, dynamic=True), torch.compile(chunk_weights, dynamic=True))
+    return _COMPILED
+
+
+_COMPILED = None
+
+
+def handles(x: torch.Tensor, train: torch.Tensor, topk: int) -> bool:
+    """Whether this implementation applies: the full softmax over float32 queries and a
+    uint8/bfloat16/float32 training set. (float64 asks for float64 accuracy, and top-k
+    for exact neighbours: the float64 reference does those.)"""
+    return topk == 0 and x.dtype == torch.float32 and train.dtype in (torch.uint8, torch.bfloat16, torch.float32)
+
+
+def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk=0):
+    """The op for float32 x and a uint8/bfloat16/float32 training set (see module doc)."""
+    if not handles(x, train, topk):
+        raise ValueError("optimal_stream handles topk=0, float32 x and uint8/bfloat16/float32 train")
+    B, d = x.shape
+    N = train.shape[0]
+    dev = x.device
+    logits_stage, weights_stage = _stages(dev)
+    xd = x.double()
+    nx = xd.square().sum(1, keepdim=True)
+    xn = nx.sqrt()
+    m = scale.double().to(dev)[:, None]
+    inv = 1.0 / (2.0 * sigma.double().to(dev)[:, None] ** 2)
+    s = _pow2_scale(float(x.abs().max()))
+    x_hi, x_lo = split_f16(x * s)
+    x_sum = xd.sum(1, keepdim=True)
+    s_y = 1.0 if train.dtype == torch.uint8 else _pow2_scale(float(train.abs().max().float()))
+
+    run_max = torch.full((B, 1), -math.inf, dtype=torch.float64, device=dev)  # absolute logits
+    run_sum = torch.zeros((B, 1), dtype=torch.float64, device=dev)  # in WEIGHT_SCALE units
+    acc = torch.zeros((B, d), dtype=torch.float32, device=dev)  # sum of rounded weights x p_n
+    finite = torch.ones((), dtype=torch.bool, device=dev)
+    step = chunk_rows(B, N)
+    for n0 in range(0, N, step):
+        rows = _Rows(train, n0, min(N, n0 + step), s_y)
+        finite &= torch.isfinite(rows.ny).all()
+        excluded = None if labels is None else labels[:, None] != train_labels[None, n0 : n0 + rows.hi.shape[0]]
+
+        t = mm_f16_f32(x_hi, rows.hi.T)  # s x . p, float32 accumulation
+        mm_f16_f32(x_lo, rows.hi.T, out=t)
+        if rows.lo is not None:
+            mm_f16_f32(x_hi, rows.lo.T, out=t)
+        t /= s
+        ref, rel, inexact = logits_stage(t, x_sum, nx, xn, rows.ny[None], rows.pn, m, inv, rows.a, rows.b,
+                                         run_max, excluded, U32, SPLIT, d)
+        n_inexact = int(inexact.sum())  # the one host sync per chunk
+        if n_inexact > DENSE_FRACTION * inexact.numel():
+            # many items matter with too inexact logits (middle sigma): one float64 GEMM
+            t64 = xd @ rows.as_float64().T
+            ref, rel, inexact = logits_stage(t64, x_sum, nx, xn, rows.ny[None], rows.yn, m, inv, 1.0, 0.0,
+                                             run_max, excluded, U64, 0.0, d)
+            n_inexact = int(inexact.sum())
+        if n_inexact:
+            q, n = inexact.nonzero(as_tuple=True)
+            rel[q, n] = _exact_logits(xd, rows, q, n, m, inv) - ref[q, 0]
+
+        new_max, factor, w, w_sum = weights_stage(rel, ref, run_max)
+        run_sum = run_sum * factor + w_sum
+        acc.mul_(factor.float())
+        mm_f16_f32(w, rows.hi, out=acc)
+        if rows.lo is not None:
+            mm_f16_f32(w, rows.lo, out=acc)
+        run_max = new_max
+
+    if not bool(finite):
+        raise ValueError("optimal_denoise: train contains NaN or inf")
+    if not bool((run_sum > 0).all()):
+        raise RuntimeError("optimal_denoise: a query has no training item to average over")
+    a, b = (1.0 / 127.5, 0.5 / 127.5) if train.dtype == torch.uint8 else (1.0 / s_y, 0.0)
+    D = a * (acc.double() / run_sum) + b  # y = a p + b, and the weights sum to one
+    lse = run_max + torch.log(run_sum / WEIGHT_SCALE)
+    return D.float(), lse.squeeze(1)
+
+
+def _exact_logits(xd, rows: _Rows, q, n, m, inv):
+    """-||x_q - m y_n||^2 / (2 sigma_q^2) by direct differences in float64."""
+    out = torch.empty(q.shape[0], dtype=torch.float64, device=xd.device)
+    for b in range(0, q.shape[0], EXACT_BATCH):
+        qb, nb = q[b : b + EXACT_BATCH], n[b : b + EXACT_BATCH]
+        diff = xd[qb] - m[qb] * rows.as_float64(nb)
+        out[b : b + EXACT_BATCH] = -diff.square().sum(1) * inv[qb, 0]
+    return out

@@ -1,0 +1,179 @@
+"""The tensor-core streaming implementation of diffmem::optimal_denoise
+(diffmem/optimal_stream.py), run on the CPU with its float16 GEMMs emulated (a float32
+product of the same float16 operands: exact product by product), against the independent
+dense float64 implementation of test_optimal.py. On CUDA the same code is the op's CUDA
+kernel; tests/test_optimal_cuda.py runs it there.
+"""
+import math
+
+import pytest
+import torch
+
+import diffmem
+from diffmem import optimal_stream as stream
+from test_optimal import LSE_ATOL32, SIGMAS, TOL, as_rows64, dense_denoise, query_cases, rel_err, training_set
+
+GRID = SIGMAS + [0.3, 3.0, 5.0, 20.0, 40.0]
+
+
+def run(x, train, sigma, scale=1.0, labels=None, train_labels=None):
+    B = x.shape[0]
+    sig = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(B).contiguous()
+    m = torch.as_tensor(scale, dtype=torch.float64).reshape(-1).expand(B).contiguous()
+    return stream.optimal_denoise(x, train, sig, m, labels, train_labels, 0)
+
+
+def train_of(kind):
+    train, gen = training_set("uint8" if kind == "uint8" else "float32")
+    return (train.bfloat16() if kind == "bfloat16" else train), gen
+
+
+def assert_accurate(D, lse, ref, ref_lse, what):
+    assert D.dtype == torch.float32 and lse.dtype == torch.float64
+    assert rel_err(D, ref) <= TOL, f"{what}: relative error {rel_err(D, ref):.2e}"
+    # lse: the logit budget plus float64 roundoff of logits that reach 1e9 (as test_optimal)
+    assert ((lse - ref_lse).abs() - 1e-9 * ref_lse.abs()).max() <= LSE_ATOL32, what
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float32", "bfloat16"])
+def test_accuracy_near_ties_and_far(kind):
+    train, gen = train_of(kind)
+    y = as_rows64(train)
+    for sigma in GRID:
+        x = query_cases(y, gen, sigma)
+        D, lse = run(x, train, sigma)
+        ref, ref_lse = dense_denoise(x, sigma, train)
+        assert_accurate(D, lse, ref, ref_lse, f"{kind} sigma={sigma}")
+
+
+def test_plain_float16_products_would_fail(monkeypatch):
+    """The check above can fail: without the second float16 term of x (one GEMM instead
+    of two) the same computation misses the budget."""
+    monkeypatch.setattr(stream, "split_f16", lambda v: (v.half(), torch.zeros_like(v.half())))
+    train, gen = train_of("uint8")
+    y = as_rows64(train)
+    worst = 0.0
+    for sigma in (1.0, 3.0, 20.0):
+        x = query_cases(y, gen, sigma)
+        ref, _ = dense_denoise(x, sigma, train)
+        D, _ = run(x, train, sigma)
+        worst = max(worst, rel_err(D, ref))
+    assert worst > TOL
+
+
+@pytest.mark.parametrize("path", ["exact-only", "dense-always"])
+def test_both_precision_fallbacks_are_accurate(path, monkeypatch):
+    """Direct differences for every inexact item, or the float64 GEMM for every chunk."""
+    monkeypatch.setattr(stream, "DENSE_FRACTION", math.inf if path == "exact-only" else -1.0)
+    train, gen = train_of("uint8")
+    y = as_rows64(train)
+    for sigma in (0.002, 0.3, 3.0, 80.0):
+        x = query_cases(y, gen, sigma)
+        D, lse = run(x, train, sigma)
+        ref, ref_lse = dense_denoise(x, sigma, train)
+        assert_accurate(D, lse, ref, ref_lse, f"{path} sigma={sigma}")
+
+
+def test_direct_differences_are_used_at_small_sigma(monkeypatch):
+    calls = []
+    original = stream._exact_logits
+    monkeypatch.setattr(stream, "_exact_logits", lambda *a: calls.append(a[2].numel()) or original(*a))
+    train, gen = train_of("uint8")
+    x = query_cases(as_rows64(train), gen, 0.002)
+    run(x, train, 0.002)
+    assert calls and sum(calls) < x.shape[0] * train.shape[0] / 16  # a few items per query
+    calls.clear()
+    run(query_cases(as_rows64(train), gen, 80.0), train, 80.0)
+    assert not calls  # at large sigma every expansion logit is accurate enough
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float32"])
+def test_chunks_and_uneven_tail(kind, monkeypatch):
+    """Many chunks (the last one partial) give the result of one chunk."""
+    train, gen = train_of(kind)
+    y = as_rows64(train)
+    x = query_cases(y, gen, 0.5)
+    one, lse_one = run(x, train, 0.5)
+    monkeypatch.setattr(stream, "chunk_rows", lambda B, N: 37)
+    many, lse_many = run(x, train, 0.5)
+    ref, ref_lse = dense_denoise(x, 0.5, train)
+    assert_accurate(many, lse_many, ref, ref_lse, "37-row chunks")
+    assert rel_err(many, one.double()) <= 2 * TOL
+
+
+def test_class_conditional_with_chunks_lacking_a_label(monkeypatch):
+    """Sorted labels and small chunks: most chunks have no item of a query's class."""
+    monkeypatch.setattr(stream, "chunk_rows", lambda B, N: 16)
+    gen = torch.Generator().manual_seed(4)
+    N, d, B = 90, 64, 12
+    train = torch.rand(N, d, generator=gen) * 2 - 1
+    tl = torch.arange(N) * 3 // N  # 0..0 1..1 2..2
+    lab = torch.arange(B) % 3
+    x = (train[torch.arange(B) * 7].double() + 0.4 * torch.randn(B, d, generator=gen, dtype=torch.float64)).float()
+    for sigma in (0.05, 0.5, 5.0):
+        D, lse = run(x, train, sigma, labels=lab, train_labels=tl)
+        ref, ref_lse = dense_denoise(x, sigma, train, mask=lab[:, None] == tl[None])
+        assert_accurate(D, lse, ref, ref_lse, f"sigma={sigma}")
+
+
+def test_per_query_sigma_and_vp_scale():
+    train, gen = train_of("uint8")
+    y = as_rows64(train)
+    B = 16
+    sigma = torch.logspace(-2.5, 1.5, B, dtype=torch.float64)
+    m = torch.linspace(0.3, 1.0, B, dtype=torch.float64)
+    x = (m[:, None] * y[:B] + sigma[:, None] * torch.randn(B, y.shape[1], generator=gen, dtype=torch.float64)).float()
+    D, lse = run(x, train, sigma, m)
+    ref, ref_lse = dense_denoise(x, sigma, train, m)
+    assert_accurate(D, lse, ref, ref_lse, "per-query sigma and scale")
+
+
+def test_large_and_tiny_query_magnitudes():
+    """The power-of-two scaling before the float16 split: |x| far above float16's range
+    (65504) and far below its normal range."""
+    train, gen = train_of("float32")
+    y = as_rows64(train)
+    for sigma, amplitude in ((2e4, 1.0), (1e-3, 1.0)):
+        x = (y[:6] + sigma * torch.randn(6, y.shape[1], generator=gen, dtype=torch.float64)).float()
+        D, lse = run(x * amplitude, train, sigma)
+        ref, ref_lse = dense_denoise(x * amplitude, sigma, train)
+        assert_accurate(D, lse, ref, ref_lse, f"sigma={sigma}")
+    small = (train[:40] * 1e-6).contiguous()  # rows of tiny norm
+    xs = (small[:4].double() + 1e-7 * torch.randn(4, y.shape[1], generator=gen, dtype=torch.float64)).float()
+    D, lse = run(xs, small, 1e-7)
+    ref, ref_lse = dense_denoise(xs, 1e-7, small)
+    assert rel_err(D, ref) <= TOL
+
+
+def test_nan_in_train_and_unsupported_inputs():
+    train, _ = train_of("float32")
+    bad = train.clone()
+    bad[5, 7] = float("nan")
+    x = train[:2].clone()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        run(x, bad, 1.0)
+    bad8 = torch.zeros(3, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="topk=0"):
+        stream.optimal_denoise(x[:, :4].double(), bad8, torch.ones(2, dtype=torch.float64),
+                               torch.ones(2, dtype=torch.float64))
+
+
+def test_compiled_stages_equal_eager(monkeypatch):
+    """The fused (torch.compile) form of the elementwise stages, the default on CUDA,
+    computes what the eager one does."""
+    train, gen = train_of("uint8")
+    train = train[:64, :192].contiguous()
+    y = as_rows64(train)
+    x = query_cases(torch.cat([y] * 1), gen, 0.3)
+    eager, lse_eager = run(x, train, 0.3)
+    monkeypatch.setenv("DIFFMEM_OPTIMAL_COMPILE", "1")
+    monkeypatch.setattr(stream, "_COMPILED", None)
+    compiled, lse_compiled = run(x, train, 0.3)
+    assert rel_err(compiled, eager.double()) <= 1e-6
+    assert (lse_compiled - lse_eager).abs().max() <= 1e-9 * lse_eager.abs().max() + 1e-9
+
+
+def test_registered_as_the_ops_cuda_kernel():
+    if not diffmem._native.AVAILABLE:
+        pytest.fail(f"native extension failed to load: {diffmem._native.LOAD_ERROR}")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("diffmem::optimal_denoise", "CUDA")
