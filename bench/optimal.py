@@ -13,11 +13,13 @@ peak RSS growth of one call in a fresh process (peak reset just before the call 
 /proc/self/clear_refs), at N and at --memory-N.
 
 --device cuda: every tensor on the GPU, calls timed between torch.cuda.synchronize()
-(median of --repeat after one warm-up), TF32 off for all float32 matmuls (recorded). The
-floor is measured in both float32 and float64 (bare_gemm_float32, bare_gemm_float64) and
-the record names the one in the precision the op computes in ("floor"): float64 where
-diffmem takes the PyTorch reference (no verified CUDA kernel: diffmem._native), float32
-for the native op. Memory: torch.cuda.max_memory_allocated() growth of one call at N and
+(median of --repeat after one warm-up, which also compiles the CUDA path's fused stages),
+TF32 off for all float32 matmuls (recorded). The floor is measured in float16 (tensor-core
+products with float32 results), float32 and float64 (bare_gemm_float16/32/64) and the
+record names the one in the precision the op computes in ("floor"): float64 where diffmem
+takes the PyTorch reference (the CUDA kernel is off until verified: diffmem._native; set
+DIFFMEM_CUDA_OPTIMAL=1 to measure it), float16 for the CUDA kernel
+(diffmem/optimal_stream.py). Memory: torch.cuda.max_memory_allocated() growth of one call at N and
 at --memory-N (default N / 4). The float64 truth is computed on the GPU. Targets (issue
 5, judged at the default sizes): reference / diffmem >= 5 and diffmem / floor <= 2.
 Prints a table and writes a JSON record (command, commit, device, versions, shapes,
@@ -118,7 +120,8 @@ def rel_err(D: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 CPU_FLOORS = {"bare_gemm": torch.float32}
-CUDA_FLOORS = {"bare_gemm_float32": torch.float32, "bare_gemm_float64": torch.float64}
+CUDA_FLOORS = {"bare_gemm_float16": torch.float16, "bare_gemm_float32": torch.float32,
+               "bare_gemm_float64": torch.float64}
 
 
 def _no_sync() -> None:
@@ -128,7 +131,7 @@ def _no_sync() -> None:
 def methods(x, train, y32, sigma, *, floors=None, y64=None):
     """name -> call. `floors`: name -> dtype of the two bare torch.mm (default: CPU_FLOORS);
     a float64 floor needs y64."""
-    from diffmem import optimal
+    from diffmem import optimal, optimal_stream
 
     floors = CPU_FLOORS if floors is None else floors
     gen = torch.Generator(device=x.device).manual_seed(1)
@@ -140,14 +143,18 @@ def methods(x, train, y32, sigma, *, floors=None, y64=None):
         return torch.softmax(-d2 / (2 * sigma**2), 1) @ y32
 
     def bare_gemm(a, y, w):
+        # float16: the tensor-core products the streaming CUDA path makes, float32 results
+        mm = optimal_stream.mm_f16_f32 if a.dtype == torch.float16 else torch.mm
+
         def run():
-            torch.mm(a, y.T)
-            return torch.mm(w, y)
+            mm(a, y.T)
+            return mm(w, y)
         return run
 
     out = {"diffmem": lambda: optimal.denoise(x, sigma, train), "reference": reference}
     for name, dtype in floors.items():
-        y = y32 if dtype == torch.float32 else y64.to(dtype)
+        y = y32 if dtype in (torch.float32, torch.float16) else y64
+        y = y.to(dtype)
         out[name] = bare_gemm(x.to(dtype), y, W.to(dtype))
     return out
 
@@ -177,12 +184,15 @@ def run_one(x, train, y32, y64, sigma, repeat, *, floors=None, sync=_no_sync, me
 
 def diffmem_path(device: torch.device) -> dict:
     """Which implementation diffmem.optimal.denoise takes on `device`, and the precision
-    it computes in there (float32 input): the native op computes in float32 (float64
-    logits where needed), the PyTorch reference in float64."""
+    it computes in there (float32 input): the native CPU op computes in float32 (float64
+    logits where needed), the CUDA kernel (diffmem/optimal_stream.py) in float16 tensor-core
+    products with float32 accumulation, the PyTorch reference in float64."""
     from diffmem import _native
 
     native = _native.use_native("optimal_denoise", device)
-    info = {"path": "native" if native else "reference", "computes_in": "float32" if native else "float64",
+    computes_in = ("float16" if device.type == "cuda" else "float32") if native else "float64"
+    info = {"path": ("stream" if device.type == "cuda" else "native") if native else "reference",
+            "computes_in": computes_in,
             "native_available": _native.AVAILABLE, "load_error": _native.LOAD_ERROR,
             "env_DIFFMEM_CUDA_OPTIMAL": os.environ.get("DIFFMEM_CUDA_OPTIMAL")}
     if _native.AVAILABLE:
@@ -265,7 +275,7 @@ def device_record(args, device: torch.device, *, sync=_no_sync, stats=None, log=
     pick = torch.randperm(args.N, generator=gen)[: args.B]
     y_pick = y64[pick.to(device)].cpu()
     path = diffmem_path(device)
-    floor = "bare_gemm_float64" if path["computes_in"] == "float64" else "bare_gemm_float32"
+    floor = f"bare_gemm_{path['computes_in']}"
     record = {"data": data_info, "shapes": {"B": args.B, "N": args.N, "d": args.d},
               "dtypes": args.dtypes, "sigmas": args.sigma_list, "repeat": args.repeat,
               "queries": "x = y + sigma n for B random training rows y, float32",

@@ -47,21 +47,22 @@ SPLIT = 2.0**-21  # |v - hi - lo| <= 2^-22 |v| per float16 split; doubled for th
 F16_MAX_SAFE = 2.0**14  # |x| is scaled by a power of two below this before the split
 
 
-def chunk_rows(B: int, N: int) -> int:
-    """Training rows per chunk: ~2^22 logits per chunk (B x chunk float32 is 16 MB)."""
-    return int(max(256, min(N, 16384, (1 << 22) // max(1, B))))
+def chunk_rows(B: int, N: int, d: int) -> int:
+    """Training rows per chunk: up to 2^23 logits (fewer chunks: less per-chunk launch and
+    sync overhead), at most 4 d rows (so a chunk's float64 logits stay O(B d))."""
+    return int(max(1, min(N, 16384, max(256, (1 << 23) // max(1, B)), max(1024, 4 * d))))
 
 
-def mm_f16_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a (M, K) @ b (K, N) for float16 operands with float32 accumulation and result; with
-    `out` (float32), out + a @ b in place."""
+def mm_f16_f32(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) @ b (K, N) (+ acc) for float16 operands, with float32 accumulation and
+    result (a new tensor)."""
     if a.is_cuda:
-        if out is None:
+        if acc is None:
             return torch.mm(a, b, out_dtype=torch.float32)
-        return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-    if out is None:
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    if acc is None:
         return torch.mm(a.float(), b.float())
-    return out.addmm_(a.float(), b.float())
+    return torch.addmm(acc, a.float(), b.float())
 
 
 def split_f16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,22 +190,26 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
     s = _pow2_scale(float(x.abs().max()))
     x_hi, x_lo = split_f16(x * s)
     x_sum = xd.sum(1, keepdim=True)
-    s_y = 1.0 if train.dtype == torch.uint8 else _pow2_scale(float(train.abs().max().float()))
+    if train.dtype == torch.uint8:
+        s_y = 1.0
+    else:
+        low, high = torch.aminmax(train)  # no temporary of train's size
+        s_y = _pow2_scale(max(-float(low), float(high)))
 
     run_max = torch.full((B, 1), -math.inf, dtype=torch.float64, device=dev)  # absolute logits
     run_sum = torch.zeros((B, 1), dtype=torch.float64, device=dev)  # in WEIGHT_SCALE units
     acc = torch.zeros((B, d), dtype=torch.float32, device=dev)  # sum of rounded weights x p_n
     finite = torch.ones((), dtype=torch.bool, device=dev)
-    step = chunk_rows(B, N)
+    step = chunk_rows(B, N, d)
     for n0 in range(0, N, step):
         rows = _Rows(train, n0, min(N, n0 + step), s_y)
         finite &= torch.isfinite(rows.ny).all()
         excluded = None if labels is None else labels[:, None] != train_labels[None, n0 : n0 + rows.hi.shape[0]]
 
         t = mm_f16_f32(x_hi, rows.hi.T)  # s x . p, float32 accumulation
-        mm_f16_f32(x_lo, rows.hi.T, out=t)
+        t = mm_f16_f32(x_lo, rows.hi.T, t)
         if rows.lo is not None:
-            mm_f16_f32(x_hi, rows.lo.T, out=t)
+            t = mm_f16_f32(x_hi, rows.lo.T, t)
         t /= s
         ref, rel, inexact = logits_stage(t, x_sum, nx, xn, rows.ny[None], rows.pn, m, inv, rows.a, rows.b,
                                          run_max, excluded, U32, SPLIT, d)
@@ -221,10 +226,9 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
 
         new_max, factor, w, w_sum = weights_stage(rel, ref, run_max)
         run_sum = run_sum * factor + w_sum
-        acc.mul_(factor.float())
-        mm_f16_f32(w, rows.hi, out=acc)
+        acc = mm_f16_f32(w, rows.hi, acc * factor.float())
         if rows.lo is not None:
-            mm_f16_f32(w, rows.lo, out=acc)
+            acc = mm_f16_f32(w, rows.lo, acc)
         run_max = new_max
 
     if not bool(finite):

@@ -512,7 +512,8 @@ def test_bench_device_record_on_cpu(bench_optimal, monkeypatch, path):
     for dtype in ("uint8", "float32"):
         assert list(rec["runs"][dtype]) == ["0.002", "1.0", "80.0"]
         for r in rec["runs"][dtype].values():
-            assert set(r) == {"diffmem", "reference", "bare_gemm_float32", "bare_gemm_float64", "targets"}
+            assert set(r) == {"diffmem", "reference", "bare_gemm_float16", "bare_gemm_float32", "bare_gemm_float64",
+                              "targets"}
             assert len(r["diffmem"]["times_s"]) == 2 and r["diffmem"]["ratio_vs_diffmem"] == 1.0
             assert r["diffmem"]["rel_err_vs_float64"] <= TOL and r["reference"]["rel_err_vs_float64"] <= 1e-3
             assert "rel_err_vs_float64" not in r[floor]

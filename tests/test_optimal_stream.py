@@ -94,7 +94,7 @@ def test_chunks_and_uneven_tail(kind, monkeypatch):
     y = as_rows64(train)
     x = query_cases(y, gen, 0.5)
     one, lse_one = run(x, train, 0.5)
-    monkeypatch.setattr(stream, "chunk_rows", lambda B, N: 37)
+    monkeypatch.setattr(stream, "chunk_rows", lambda B, N, d: 37)
     many, lse_many = run(x, train, 0.5)
     ref, ref_lse = dense_denoise(x, 0.5, train)
     assert_accurate(many, lse_many, ref, ref_lse, "37-row chunks")
@@ -103,7 +103,7 @@ def test_chunks_and_uneven_tail(kind, monkeypatch):
 
 def test_class_conditional_with_chunks_lacking_a_label(monkeypatch):
     """Sorted labels and small chunks: most chunks have no item of a query's class."""
-    monkeypatch.setattr(stream, "chunk_rows", lambda B, N: 16)
+    monkeypatch.setattr(stream, "chunk_rows", lambda B, N, d: 16)
     gen = torch.Generator().manual_seed(4)
     N, d, B = 90, 64, 12
     train = torch.rand(N, d, generator=gen) * 2 - 1
