@@ -200,20 +200,32 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
     run_sum = torch.zeros((B, 1), dtype=torch.float64, device=dev)  # in WEIGHT_SCALE units
     acc = torch.zeros((B, d), dtype=torch.float32, device=dev)  # sum of rounded weights x p_n
     finite = torch.ones((), dtype=torch.bool, device=dev)
-    step = chunk_rows(B, N, d)
-    for n0 in range(0, N, step):
-        rows = _Rows(train, n0, min(N, n0 + step), s_y)
-        finite &= torch.isfinite(rows.ny).all()
-        excluded = None if labels is None else labels[:, None] != train_labels[None, n0 : n0 + rows.hi.shape[0]]
 
+    def expansion(n0: int, best_so_far: torch.Tensor):
+        """Chunk n0's rows, label mask, and expansion logits (queued, no host sync)."""
+        nonlocal finite
+        rows = _Rows(train, n0, min(N, n0 + step), s_y)
+        finite = finite & torch.isfinite(rows.ny).all()
+        excluded = None if labels is None else labels[:, None] != train_labels[None, n0 : n0 + rows.hi.shape[0]]
         t = mm_f16_f32(x_hi, rows.hi.T)  # s x . p, float32 accumulation
         t = mm_f16_f32(x_lo, rows.hi.T, t)
         if rows.lo is not None:
             t = mm_f16_f32(x_hi, rows.lo.T, t)
         t /= s
         ref, rel, inexact = logits_stage(t, x_sum, nx, xn, rows.ny[None], rows.pn, m, inv, rows.a, rows.b,
-                                         run_max, excluded, U32, SPLIT, d)
-        n_inexact = int(inexact.sum())  # the one host sync per chunk
+                                         best_so_far, excluded, U32, SPLIT, d)
+        return rows, excluded, ref, rel, inexact, inexact.sum()
+
+    step = chunk_rows(B, N, d)
+    starts = list(range(0, N, step))
+    pending = expansion(starts[0], run_max)
+    for i in range(len(starts)):
+        # Queue the next chunk's products before this chunk's host sync, so the GPU has work
+        # while the host decides. Its negligibility cut uses the running max before this
+        # chunk: a lower bound of the true one, so it only keeps more items than needed.
+        following = expansion(starts[i + 1], run_max) if i + 1 < len(starts) else None
+        rows, excluded, ref, rel, inexact, count = pending
+        n_inexact = int(count)  # the one host sync per chunk
         if n_inexact > DENSE_FRACTION * inexact.numel():
             # many items matter with too inexact logits (middle sigma): one float64 GEMM
             t64 = xd @ rows.as_float64().T
@@ -230,6 +242,7 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
         if rows.lo is not None:
             acc = mm_f16_f32(w, rows.lo, acc)
         run_max = new_max
+        pending = following
 
     if not bool(finite):
         raise ValueError("optimal_denoise: train contains NaN or inf")
