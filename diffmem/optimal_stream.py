@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 
@@ -82,46 +83,64 @@ def _pow2_scale(top: float) -> float:
     return 2.0 ** math.floor(math.log2(F16_MAX_SAFE / top))
 
 
-class _Rows:
-    """One chunk of training rows in the forms the products need: float16 terms `hi` (+
-    `lo`) of the product rows p_n, with y_n = a p_n + b: uint8 pixels v give p = v - 128
-    (exact in float16), a = 1 / 127.5, b = 0.5 / 127.5; float rows p = s_y y (a power of
-    two s_y), a = 1 / s_y, b = 0. bfloat16 rows are exact in float16 (8 of its 11 bits;
-    values below 2^-24 of the largest excepted) and need no second term."""
+class _Train:
+    """The training set in the forms the products need, per call: y_n = a p_n + b for the
+    product rows p_n, whose float16 terms `hi` (+ `lo`) a chunk converts on the fly. uint8
+    pixels v give p = v - 128 (exact in float16), a = 1 / 127.5, b = 0.5 / 127.5; float
+    rows p = s_y y (a power of two s_y, so float16 neither overflows nor underflows), a =
+    1 / s_y, b = 0, split into two float16 terms; bfloat16 rows are exact in float16 (8 of
+    its 11 bits; values below 2^-24 of the largest excepted) and need no second term.
+    Squared norms ||y_n||^2 and norms ||p_n|| (the error model's) come in one pass."""
 
-    def __init__(self, train: torch.Tensor, n0: int, n1: int, s_y: float):
-        rows = train[n0:n1]
-        self.raw = rows
-        self.uint8 = rows.dtype == torch.uint8
+    def __init__(self, train: torch.Tensor, step: int):
+        self.raw = train
+        self.uint8 = train.dtype == torch.uint8
+        self.split = train.dtype == torch.float32
+        N = train.shape[0]
         if self.uint8:
-            p64 = rows.double() - 128.0
-            self.hi, self.lo = (rows.to(torch.int16) - 128).to(torch.float16), None
-            self.a, self.b = 1.0 / 127.5, 0.5 / 127.5
-            self.ny = (p64 + 0.5).square().sum(1) / 127.5**2
+            self.s_y, self.a, self.b = 1.0, 1.0 / 127.5, 0.5 / 127.5
         else:
-            p32 = rows.float() * s_y
-            self.hi, self.lo = split_f16(p32)
-            if rows.dtype == torch.bfloat16:
-                self.lo = None
-            self.a, self.b = 1.0 / s_y, 0.0
-            p64 = p32.double()
-            self.ny = rows.double().square().sum(1)
-        self.pn = p64.square().sum(1).sqrt()[None]  # ||p_n||, for the error model of x . p
-        self.yn = self.ny.sqrt()[None]
+            low, high = torch.aminmax(train)  # no temporary of train's size
+            self.s_y = _pow2_scale(max(-float(low), float(high)))
+            self.a, self.b = 1.0 / self.s_y, 0.0
+        self.ny = torch.empty(N, dtype=torch.float64, device=train.device)
+        self.pn = torch.empty_like(self.ny)
+        for n0 in range(0, N, step):  # in chunks: no float64 copy of the whole set
+            r = train[n0 : n0 + step].double()
+            if self.uint8:
+                self.ny[n0 : n0 + step] = (r - 127.5).square().sum(1) / 127.5**2
+                self.pn[n0 : n0 + step] = (r - 128.0).square().sum(1).sqrt()
+            else:
+                self.ny[n0 : n0 + step] = r.square().sum(1)
+                self.pn[n0 : n0 + step] = self.ny[n0 : n0 + step].sqrt() * self.s_y
+        if not bool(torch.isfinite(self.ny).all()):
+            raise ValueError("optimal_denoise: train contains NaN or inf")
+        self.yn = self.ny.sqrt()
 
-    def as_float64(self, idx: torch.Tensor | None = None) -> torch.Tensor:
-        r = self.raw if idx is None else self.raw[idx]
+    def product_rows(self, n0: int, n1: int):
+        """float16 terms (hi, lo or None) of p_n for rows [n0, n1)."""
+        rows = self.raw[n0:n1]
+        if self.uint8:
+            return rows.to(torch.float16) - 128.0, None  # integers: exact in float16
+        if not self.split:
+            return (rows * self.s_y).to(torch.float16), None
+        return split_f16(rows * self.s_y)
+
+    def as_float64(self, n0: int, n1: int, idx: torch.Tensor | None = None) -> torch.Tensor:
+        r = self.raw[n0:n1] if idx is None else self.raw[n0:n1][idx]
         return r.double() / 127.5 - 1.0 if self.uint8 else r.double()
 
 
-def chunk_logits(t, x_sum, nx, xn, ny, pn, m, inv, a: float, b: float, run_max, excluded, u: float, split: float,
-                 d: int):
-    """From t = x . p (float32 accumulation of unit u and float16 splits leaving a relative
-    residual `split`; u = 2^-53, split = 0 for the float64 fallback): the
-    row references ref (B, 1), the logits relative to them (-inf for negligible or
-    excluded items; float64, as ref can lie far below the best logit when its bound is wide) and which kept items have a too inexact logit. One pass of
-    elementwise work, written to be fused by torch.compile."""
-    t = t.double()
+def chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, excluded, u: float, split: float, d: int):
+    """From t = t_scale x . p (float32 accumulation of unit u, float16 splits leaving a
+    relative residual `split`; u = 2^-53, split = 0 for the float64 fallback; t_scale, a
+    and b are 0-d float64 tensors, so the compiled form never specializes on them): the row
+    references ref (B, 1), the logits relative to them (-inf for negligible or excluded
+    items; float64, as ref can lie far below the best logit when its bound is wide), which
+    kept items have a too inexact logit, and how many. Elementwise work and two row
+    reductions, written to be fused by torch.compile."""
+    t = t.double() / t_scale
+    ny, pn = ny[None], pn[None]
     dot = a * t + b * x_sum  # x . y
     xp = xn * pn
     # error of x . y: an estimate (accumulated rounding, coherent and incoherent parts, see
@@ -137,31 +156,54 @@ def chunk_logits(t, x_sum, nx, xn, ny, pn, m, inv, a: float, b: float, run_max, 
     ref = torch.maximum(run_max, (L - E).amax(1, keepdim=True))
     keep = torch.isfinite(L) & ((L + E) >= ref - NEGLIGIBLE)
     rel = torch.where(keep, L - ref, -math.inf)
-    return ref, rel, keep & (A > LOGIT_TOL)
+    inexact = keep & (A > LOGIT_TOL)
+    return ref, rel, inexact, inexact.sum()
 
 
-def chunk_weights(rel, ref, run_max):
-    """Online softmax step: the new running max, the factor the old state is rescaled by,
-    the chunk's weights exp(l - max) * 2^15 in float16 and their (rounded) row sums."""
+def chunk_weights(rel, ref, run_max, run_sum, acc):
+    """Online softmax step: the new running max, the chunk's weights exp(l - max) * 2^15
+    in float16, the running sum of the (rounded) weights and the accumulator rescaled to
+    the new max."""
     chunk_max = rel.amax(1, keepdim=True) + ref
     new_max = torch.maximum(run_max, chunk_max)
     safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
     factor = torch.where(torch.isfinite(run_max), torch.exp(run_max - safe_max), torch.zeros_like(run_max))
     shift = torch.where(torch.isfinite(ref), ref - safe_max, torch.zeros_like(ref))
     w = (torch.exp(rel + shift) * WEIGHT_SCALE).to(torch.float16)
-    return new_max, factor, w, w.double().sum(1, keepdim=True)
+    new_sum = run_sum * factor + w.double().sum(1, keepdim=True)
+    return new_max, w, new_sum, acc * factor.float()
 
 
 def _stages(device: torch.device):
     """The elementwise stages, compiled into fused kernels by torch.compile where
-    DIFFMEM_OPTIMAL_COMPILE says so (default: on CUDA only; "1" everywhere, "0" never)."""
+    DIFFMEM_OPTIMAL_COMPILE says so (default: on CUDA only; "1" everywhere, "0" never).
+    Should compilation fail (no working Triton, say), the eager stages take over with a
+    warning: same results, more kernels."""
     flag = os.environ.get("DIFFMEM_OPTIMAL_COMPILE")
     if not (flag == "1" or (flag is None and device.type == "cuda")):
         return chunk_logits, chunk_weights
     global _COMPILED
     if _COMPILED is None:
-        _COMPILED = (torch.compile(chunk_logits, dynamic=True), torch.compile(chunk_weights, dynamic=True))
+        _COMPILED = (_compiled_or_eager(chunk_logits), _compiled_or_eager(chunk_weights))
     return _COMPILED
+
+
+def _compiled_or_eager(fn):
+    compiled = torch.compile(fn, dynamic=True)
+    state = {"fn": compiled}
+
+    def call(*args):
+        try:
+            return state["fn"](*args)
+        except Exception as exc:  # a compiler failure, not a numerical one: eager computes the same
+            if state["fn"] is fn:
+                raise
+            warnings.warn(f"diffmem.optimal_stream: torch.compile of {fn.__name__} failed "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); using eager kernels")
+            state["fn"] = fn
+            return fn(*args)
+
+    return call
 
 
 _COMPILED = None
@@ -182,6 +224,8 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
     N = train.shape[0]
     dev = x.device
     logits_stage, weights_stage = _stages(dev)
+    step = chunk_rows(B, N, d)
+    rows = _Train(train, step)
     xd = x.double()
     nx = xd.square().sum(1, keepdim=True)
     xn = nx.sqrt()
@@ -190,33 +234,26 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
     s = _pow2_scale(float(x.abs().max()))
     x_hi, x_lo = split_f16(x * s)
     x_sum = xd.sum(1, keepdim=True)
-    if train.dtype == torch.uint8:
-        s_y = 1.0
-    else:
-        low, high = torch.aminmax(train)  # no temporary of train's size
-        s_y = _pow2_scale(max(-float(low), float(high)))
+    scalars = torch.tensor([s, rows.a, rows.b, 1.0, 0.0], dtype=torch.float64, device=dev)
+    s_t, a_t, b_t, one, zero = scalars.unbind()
 
     run_max = torch.full((B, 1), -math.inf, dtype=torch.float64, device=dev)  # absolute logits
     run_sum = torch.zeros((B, 1), dtype=torch.float64, device=dev)  # in WEIGHT_SCALE units
     acc = torch.zeros((B, d), dtype=torch.float32, device=dev)  # sum of rounded weights x p_n
-    finite = torch.ones((), dtype=torch.bool, device=dev)
 
     def expansion(n0: int, best_so_far: torch.Tensor):
-        """Chunk n0's rows, label mask, and expansion logits (queued, no host sync)."""
-        nonlocal finite
-        rows = _Rows(train, n0, min(N, n0 + step), s_y)
-        finite = finite & torch.isfinite(rows.ny).all()
-        excluded = None if labels is None else labels[:, None] != train_labels[None, n0 : n0 + rows.hi.shape[0]]
-        t = mm_f16_f32(x_hi, rows.hi.T)  # s x . p, float32 accumulation
-        t = mm_f16_f32(x_lo, rows.hi.T, t)
-        if rows.lo is not None:
-            t = mm_f16_f32(x_hi, rows.lo.T, t)
-        t /= s
-        ref, rel, inexact = logits_stage(t, x_sum, nx, xn, rows.ny[None], rows.pn, m, inv, rows.a, rows.b,
-                                         best_so_far, excluded, U32, SPLIT, d)
-        return rows, excluded, ref, rel, inexact, inexact.sum()
+        """Chunk n0's product rows, label mask and expansion logits (queued, no host sync)."""
+        n1 = min(N, n0 + step)
+        hi, lo = rows.product_rows(n0, n1)
+        excluded = None if labels is None else labels[:, None] != train_labels[None, n0:n1]
+        t = mm_f16_f32(x_hi, hi.T)  # s x . p, float32 accumulation
+        t = mm_f16_f32(x_lo, hi.T, t)
+        if lo is not None:
+            t = mm_f16_f32(x_hi, lo.T, t)
+        return (n0, n1, hi, lo, excluded) + logits_stage(
+            t, s_t, x_sum, nx, xn, rows.ny[n0:n1], rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,
+            U32, SPLIT, d)
 
-    step = chunk_rows(B, N, d)
     starts = list(range(0, N, step))
     pending = expansion(starts[0], run_max)
     for i in range(len(starts)):
@@ -224,41 +261,37 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
         # while the host decides. Its negligibility cut uses the running max before this
         # chunk: a lower bound of the true one, so it only keeps more items than needed.
         following = expansion(starts[i + 1], run_max) if i + 1 < len(starts) else None
-        rows, excluded, ref, rel, inexact, count = pending
+        n0, n1, hi, lo, excluded, ref, rel, inexact, count = pending
         n_inexact = int(count)  # the one host sync per chunk
         if n_inexact > DENSE_FRACTION * inexact.numel():
             # many items matter with too inexact logits (middle sigma): one float64 GEMM
-            t64 = xd @ rows.as_float64().T
-            ref, rel, inexact = logits_stage(t64, x_sum, nx, xn, rows.ny[None], rows.yn, m, inv, 1.0, 0.0,
-                                             run_max, excluded, U64, 0.0, d)
-            n_inexact = int(inexact.sum())
+            t64 = xd @ rows.as_float64(n0, n1).T
+            ref, rel, inexact, count = logits_stage(t64, one, x_sum, nx, xn, rows.ny[n0:n1], rows.yn[n0:n1], m, inv,
+                                                    one, zero, run_max, excluded, U64, 0.0, d)
+            n_inexact = int(count)
         if n_inexact:
             q, n = inexact.nonzero(as_tuple=True)
-            rel[q, n] = _exact_logits(xd, rows, q, n, m, inv) - ref[q, 0]
+            rel[q, n] = _exact_logits(xd, rows, n0, n1, q, n, m, inv) - ref[q, 0]
 
-        new_max, factor, w, w_sum = weights_stage(rel, ref, run_max)
-        run_sum = run_sum * factor + w_sum
-        acc = mm_f16_f32(w, rows.hi, acc * factor.float())
-        if rows.lo is not None:
-            acc = mm_f16_f32(w, rows.lo, acc)
-        run_max = new_max
+        run_max, w, run_sum, acc = weights_stage(rel, ref, run_max, run_sum, acc)
+        acc = mm_f16_f32(w, hi, acc)
+        if lo is not None:
+            acc = mm_f16_f32(w, lo, acc)
         pending = following
 
-    if not bool(finite):
-        raise ValueError("optimal_denoise: train contains NaN or inf")
     if not bool((run_sum > 0).all()):
         raise RuntimeError("optimal_denoise: a query has no training item to average over")
-    a, b = (1.0 / 127.5, 0.5 / 127.5) if train.dtype == torch.uint8 else (1.0 / s_y, 0.0)
-    D = a * (acc.double() / run_sum) + b  # y = a p + b, and the weights sum to one
+    D = rows.a * (acc.double() / run_sum) + rows.b  # y = a p + b, and the weights sum to one
     lse = run_max + torch.log(run_sum / WEIGHT_SCALE)
     return D.float(), lse.squeeze(1)
 
 
-def _exact_logits(xd, rows: _Rows, q, n, m, inv):
-    """-||x_q - m y_n||^2 / (2 sigma_q^2) by direct differences in float64."""
+def _exact_logits(xd, rows: _Train, n0: int, n1: int, q, n, m, inv):
+    """-||x_q - m y_(n0 + n)||^2 / (2 sigma_q^2) for the pairs (q, n), by direct
+    differences in float64, a batch of pairs at a time."""
     out = torch.empty(q.shape[0], dtype=torch.float64, device=xd.device)
     for b in range(0, q.shape[0], EXACT_BATCH):
         qb, nb = q[b : b + EXACT_BATCH], n[b : b + EXACT_BATCH]
-        diff = xd[qb] - m[qb] * rows.as_float64(nb)
+        diff = xd[qb] - m[qb] * rows.as_float64(n0, n1, nb)
         out[b : b + EXACT_BATCH] = -diff.square().sum(1) * inv[qb, 0]
     return out

@@ -77,7 +77,7 @@ def test_both_precision_fallbacks_are_accurate(path, monkeypatch):
 def test_direct_differences_are_used_at_small_sigma(monkeypatch):
     calls = []
     original = stream._exact_logits
-    monkeypatch.setattr(stream, "_exact_logits", lambda *a: calls.append(a[2].numel()) or original(*a))
+    monkeypatch.setattr(stream, "_exact_logits", lambda *a: calls.append(a[4].numel()) or original(*a))
     train, gen = train_of("uint8")
     x = query_cases(as_rows64(train), gen, 0.002)
     run(x, train, 0.002)
