@@ -177,3 +177,84 @@ def test_registered_as_the_ops_cuda_kernel():
     if not diffmem._native.AVAILABLE:
         pytest.fail(f"native extension failed to load: {diffmem._native.LOAD_ERROR}")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("diffmem::optimal_denoise", "CUDA")
+
+
+def test_compiler_failure_falls_back_to_eager(monkeypatch):
+    """A broken torch.compile (no working Triton on some machine, say) costs speed, not
+    the result: the stages run eagerly after one warning."""
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("compiler exploded")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setenv("DIFFMEM_OPTIMAL_COMPILE", "1")
+    monkeypatch.setattr(stream, "_COMPILED", None)
+    train, gen = train_of("uint8")
+    x = query_cases(as_rows64(train), gen, 1.0)
+    with pytest.warns(UserWarning, match="torch.compile of chunk_(logits|weights) failed"):
+        D, lse = run(x, train, 1.0)
+    ref, ref_lse = dense_denoise(x, 1.0, train)
+    assert_accurate(D, lse, ref, ref_lse, "eager after a compiler failure")
+
+
+# ---- real images, and the samplers ----------------------------------------------------------
+
+
+def test_cifar10_rows_at_every_sigma():
+    """Real CIFAR-10 rows (near-duplicates and structure that random pixels lack): queries
+    are noisy training images, as a sampler makes them."""
+    import numpy as np
+
+    from helpers import shared_data
+
+    with np.load(shared_data("cifar10-train.npz")) as raw:
+        images = torch.from_numpy(raw["images"][:1500].copy())
+    train = images.permute(0, 3, 1, 2).reshape(1500, -1).contiguous()
+    y = as_rows64(train)
+    gen = torch.Generator().manual_seed(5)
+    for sigma in GRID:
+        x = (y[:24] + sigma * torch.randn(24, y.shape[1], generator=gen, dtype=torch.float64)).float()
+        D, lse = run(x, train, sigma)
+        ref, ref_lse = dense_denoise(x, sigma, train)
+        assert_accurate(D, lse, ref, ref_lse, f"CIFAR-10 sigma={sigma}")
+
+
+@pytest.fixture
+def stream_dispatch(monkeypatch):
+    """diffmem.optimal takes the streaming path on the CPU too (where it applies)."""
+    from diffmem import optimal
+    from diffmem.reference import optimal as reference
+
+    def dispatch(x, train, sigma, scale, labels=None, train_labels=None, topk=0):
+        impl = stream if stream.handles(x, train, topk) else reference
+        return impl.optimal_denoise(x, train, sigma, scale, labels, train_labels, topk)
+
+    monkeypatch.setattr(optimal, "optimal_denoise", dispatch)
+
+
+def _separated_images(N=12, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (N, 3, 8, 8), dtype=torch.uint8, generator=gen)
+
+
+def test_heun_sampling_equals_the_cpu_op(stream_dispatch, monkeypatch):
+    from diffmem.diffusion import EmpiricalOptimalDenoiser, heun_sampler
+
+    train = _separated_images()
+    latents = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    den = EmpiricalOptimalDenoiser(train, dtype=torch.float32)
+    streamed = heun_sampler(den, latents, num_steps=10)
+    monkeypatch.undo()  # back to the native CPU op
+    native = heun_sampler(EmpiricalOptimalDenoiser(train, dtype=torch.float32), latents, num_steps=10)
+    torch.testing.assert_close(streamed, native, rtol=0, atol=2e-3)
+
+
+def test_generated_samples_are_training_images(stream_dispatch):
+    from diffmem.diffusion import EmpiricalOptimalDenoiser, generate
+
+    train = _separated_images()
+    samples = generate(EmpiricalOptimalDenoiser(train, dtype=torch.float32), range(24), batch_size=10, device="cpu",
+                       progress=False, num_steps=18)
+    d = (samples.reshape(24, 1, -1).int() - train.reshape(1, 12, -1).int()).abs().amax(-1).amin(1)
+    assert int(d.max()) <= 1, d.tolist()
