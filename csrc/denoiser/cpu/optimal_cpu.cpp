@@ -288,22 +288,32 @@ void stream_unit(const Problem<T, S>& p, int64_t q0, int64_t q1, int64_t n0, int
   const at::Tensor xb = at::from_blob(const_cast<T*>(p.X + q0 * d), {qb, d}, opts);
   at::Tensor acc_t = at::from_blob(acc, {qb, d}, opts);
 
+  // Once a tile of this unit has needed the float64 GEMM, its queries' sigmas lie where
+  // the float32 logits are too inexact, and the later tiles go to float64 directly
+  // (skipping a float32 GEMM whose result would be thrown away).
+  bool dense64 = false;
   for (int64_t t0 = n0; t0 < n1; t0 += kTrainTile) {
     const int64_t nt = std::min(n1, t0 + kTrainTile) - t0;
     const T* rows = rows_as<T>(p.Y, t0, t0 + nt, d, s.rows);
     const at::Tensor yt = at::from_blob(const_cast<T*>(rows), {nt, d}, opts);
-    at::Tensor dots = at::from_blob(s.dots.data(), {qb, nt}, opts);
-    at::mm_out(dots, xb, yt.t());  // serial: we are inside the thread pool
-
-    int64_t inexact = 0;
-    for (int64_t i = 0; i < qb; ++i) {
-      const int64_t o = i * nt;
-      expansion_logits(p, q0 + i, t0, nt, s.dots.data() + o, unit_roundoff<T>(), s.L.data() + o, s.E.data() + o,
-                       s.A.data() + o);
-      inexact += count_inexact(s.L.data() + o, s.E.data() + o, s.A.data() + o, nt, states[i].max, p.logit_tol);
-    }
-    if constexpr (!std::is_same_v<T, double>) {
-      if (inexact * 16 > qb * nt) float64_expansion(p, q0, qb, t0, nt, s);
+    if (dense64) {
+      float64_expansion(p, q0, qb, t0, nt, s);
+    } else {
+      at::Tensor dots = at::from_blob(s.dots.data(), {qb, nt}, opts);
+      at::mm_out(dots, xb, yt.t());  // serial: we are inside the thread pool
+      int64_t inexact = 0;
+      for (int64_t i = 0; i < qb; ++i) {
+        const int64_t o = i * nt;
+        expansion_logits(p, q0 + i, t0, nt, s.dots.data() + o, unit_roundoff<T>(), s.L.data() + o, s.E.data() + o,
+                         s.A.data() + o);
+        inexact += count_inexact(s.L.data() + o, s.E.data() + o, s.A.data() + o, nt, states[i].max, p.logit_tol);
+      }
+      if constexpr (!std::is_same_v<T, double>) {
+        if (inexact * 16 > qb * nt) {
+          float64_expansion(p, q0, qb, t0, nt, s);
+          dense64 = true;
+        }
+      }
     }
 
     int64_t nnz = 0;
