@@ -17,7 +17,8 @@ import torch
 
 import diffmem
 from diffmem import optimal
-from test_optimal import LSE_ATOL32, TOL, as_rows64, dense_denoise, dense_logits, query_cases, rel_err, training_set
+from test_optimal import (LSE_ATOL32, TOL, _op_args, as_rows64, dense_denoise, dense_logits, query_cases, rel_err,
+                          training_set)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
@@ -66,6 +67,25 @@ def assert_matches_cpu(D_cuda, D_cpu, ref):
     D = D_cuda.cpu()
     assert rel_err(D, ref) <= TOL, f"vs float64: {rel_err(D, ref):.2e}"
     assert rel_err(D, D_cpu.double().reshape(len(D), -1)) <= 2 * TOL
+
+
+# ---- the op ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train_dtype", [torch.float32, torch.uint8, torch.bfloat16])
+def test_opcheck_cuda_kernel(train_dtype):
+    """The op's CUDA kernel (registered from Python) against its schema and fake kernel."""
+    if not _cuda_kernel_compiled():
+        pytest.skip("the extension (which declares the op) is not loaded")
+    x, train, sigma, scale, gen = _op_args(train_dtype=train_dtype)
+    lab = torch.randint(0, 2, (x.shape[0],), generator=gen)
+    tl = torch.arange(train.shape[0]) % 2
+    x, train, sigma, scale, lab, tl = on_cuda(x, train, sigma, scale, lab, tl)
+    op = torch.ops.diffmem.optimal_denoise
+    torch.library.opcheck(op, (x, train, sigma, scale, None, None, 0))
+    torch.library.opcheck(op, (x, train, sigma, scale, lab, tl, 0))
+    torch.library.opcheck(op, (x, train, sigma, scale, None, None, 3))
+    torch.library.opcheck(op, (x.double(), train, sigma, scale, None, None, 0))
 
 
 # ---- accuracy ----------------------------------------------------------------------------

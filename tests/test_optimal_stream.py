@@ -258,3 +258,26 @@ def test_generated_samples_are_training_images(stream_dispatch):
                        progress=False, num_steps=18)
     d = (samples.reshape(24, 1, -1).int() - train.reshape(1, 12, -1).int()).abs().amax(-1).amin(1)
     assert int(d.max()) <= 1, d.tolist()
+
+
+def test_opcheck_of_the_kernel_function():
+    """opcheck of the very function registered as the op's CUDA kernel, here bound to a
+    test-only op with the same schema on the CPU (the CUDA registration gets the same check
+    in test_optimal_cuda.py)."""
+    lib = torch.library.Library("diffmem_stream_test", "FRAGMENT")
+    lib.define("optimal_denoise(Tensor x, Tensor train, Tensor sigma, Tensor scale, Tensor? labels, "
+               "Tensor? train_labels, int topk) -> (Tensor, Tensor)")
+    lib.impl("optimal_denoise", stream.optimal_denoise, "CPU")
+    torch.library.register_fake("diffmem_stream_test::optimal_denoise", lib=lib)(
+        lambda x, train, sigma, scale, labels, train_labels, topk: (
+            torch.empty_like(x), x.new_empty((x.shape[0],), dtype=torch.float64)))
+    op = torch.ops.diffmem_stream_test.optimal_denoise
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 24, generator=gen)
+    sigma = torch.rand(5, generator=gen, dtype=torch.float64) + 0.1
+    scale = torch.rand(5, generator=gen, dtype=torch.float64) * 0.5 + 0.5
+    lab, tl = torch.randint(0, 2, (5,), generator=gen), torch.arange(40) % 2
+    for train in (torch.randint(0, 256, (40, 24), dtype=torch.uint8, generator=gen),
+                  torch.randn(40, 24, generator=gen), torch.randn(40, 24, generator=gen).bfloat16()):
+        torch.library.opcheck(op, (x, train, sigma, scale, None, None, 0))
+        torch.library.opcheck(op, (x, train, sigma, scale, lab, tl, 0))
