@@ -40,7 +40,10 @@ import torch
 NEGLIGIBLE = 50.0  # e^-50 = 2e-22 relative weight: cannot move D
 LOGIT_TOL = 2e-4  # largest accepted error estimate of an expansion logit (as the CPU op)
 WEIGHT_SCALE = 2.0**15  # weights in (0, 1] -> (0, 2^15] before rounding to float16
-EXACT_BATCH = 1024  # (query, item) pairs per direct-difference batch
+# (query, item) pairs per direct-difference batch: eager kernels materialize the gathered
+# float64 rows (~2^27 bytes per batch); the fused (compiled) one reads them in place
+EAGER_PAIR_BYTES = 1 << 27
+FUSED_PAIR_BATCH = 1 << 20
 DENSE_FRACTION = 1 / 16  # above this share of inexact items a chunk takes the float64 GEMM
 U32 = 2.0**-23  # float32 accumulation, counted as truncation (one ulp)
 U64 = 2.0**-53
@@ -144,8 +147,10 @@ def chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, exclu
     dot = a * t + b * x_sum  # x . y
     xp = xn * pn
     # error of x . y: an estimate (accumulated rounding, coherent and incoherent parts, see
-    # the CPU op) and a rigorous bound (gamma_d per product, up to three products, splits)
-    err = a * (u * (math.sqrt(d) * t.abs() + 3.0 * xp) + split * xp)
+    # the CPU op; the split residuals are independent roundings, so they add up like a
+    # random walk, ~split ||x|| ||p|| / sqrt(d), counted three times) and a rigorous bound
+    # (gamma_d per product, up to three products, the splits' worst case)
+    err = a * (u * (math.sqrt(d) * t.abs() + 3.0 * xp) + 3.0 * split * xp / math.sqrt(d))
     bound = a * 1.25 * (3.0 * d * u + 2.0 * split) * xp
     L = -(nx + m * m * ny - 2.0 * m * dot) * inv
     sums = U64 * 4 * (nx + m * m * ny + 2.0 * m * dot.abs())
@@ -174,6 +179,15 @@ def chunk_weights(rel, ref, run_max, run_sum, acc):
     return new_max, w, new_sum, acc * factor.float()
 
 
+def pair_logits(x, rows, q, n, m, inv, alpha, beta):
+    """-||x_q - m_q y_n||^2 / (2 sigma_q^2) by direct differences in float64 for the pairs
+    (q, n), with y = alpha raw + beta (uint8 pixels: 1 / 127.5, -1). Compiled, the gathers
+    and the reduction fuse into one kernel that reads the rows where they lie."""
+    y = rows[n].double() * alpha + beta
+    diff = x[q].double() - m[q] * y
+    return -diff.square().sum(1) * inv[q, 0]
+
+
 def _stages(device: torch.device):
     """The elementwise stages, compiled into fused kernels by torch.compile where
     DIFFMEM_OPTIMAL_COMPILE says so (default: on CUDA only; "1" everywhere, "0" never).
@@ -181,10 +195,11 @@ def _stages(device: torch.device):
     warning: same results, more kernels."""
     flag = os.environ.get("DIFFMEM_OPTIMAL_COMPILE")
     if not (flag == "1" or (flag is None and device.type == "cuda")):
-        return chunk_logits, chunk_weights
+        return chunk_logits, chunk_weights, pair_logits, False
     global _COMPILED
     if _COMPILED is None:
-        _COMPILED = (_compiled_or_eager(chunk_logits), _compiled_or_eager(chunk_weights))
+        _COMPILED = (_compiled_or_eager(chunk_logits), _compiled_or_eager(chunk_weights),
+                     _compiled_or_eager(pair_logits), True)
     return _COMPILED
 
 
@@ -223,7 +238,8 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
     B, d = x.shape
     N = train.shape[0]
     dev = x.device
-    logits_stage, weights_stage = _stages(dev)
+    logits_stage, weights_stage, pairs_stage, fused = _stages(dev)
+    pair_batch = FUSED_PAIR_BATCH if fused else max(1024, EAGER_PAIR_BYTES // (8 * d))
     step = chunk_rows(B, N, d)
     rows = _Train(train, step)
     xd = x.double()
@@ -234,8 +250,9 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
     s = _pow2_scale(float(x.abs().max()))
     x_hi, x_lo = split_f16(x * s)
     x_sum = xd.sum(1, keepdim=True)
-    scalars = torch.tensor([s, rows.a, rows.b, 1.0, 0.0], dtype=torch.float64, device=dev)
-    s_t, a_t, b_t, one, zero = scalars.unbind()
+    alpha, beta = (1.0 / 127.5, -1.0) if rows.uint8 else (1.0, 0.0)  # y from the stored rows
+    scalars = torch.tensor([s, rows.a, rows.b, 1.0, 0.0, alpha, beta], dtype=torch.float64, device=dev)
+    s_t, a_t, b_t, one, zero, alpha_t, beta_t = scalars.unbind()
 
     run_max = torch.full((B, 1), -math.inf, dtype=torch.float64, device=dev)  # absolute logits
     run_sum = torch.zeros((B, 1), dtype=torch.float64, device=dev)  # in WEIGHT_SCALE units
@@ -271,7 +288,10 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
             n_inexact = int(count)
         if n_inexact:
             q, n = inexact.nonzero(as_tuple=True)
-            rel[q, n] = _exact_logits(xd, rows, n0, n1, q, n, m, inv) - ref[q, 0]
+            chunk = train[n0:n1]
+            for b in range(0, q.shape[0], pair_batch):
+                qb, nb = q[b : b + pair_batch], n[b : b + pair_batch]
+                rel[qb, nb] = pairs_stage(x, chunk, qb, nb, m, inv, alpha_t, beta_t) - ref[qb, 0]
 
         run_max, w, run_sum, acc = weights_stage(rel, ref, run_max, run_sum, acc)
         acc = mm_f16_f32(w, hi, acc)
@@ -284,14 +304,3 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
     D = rows.a * (acc.double() / run_sum) + rows.b  # y = a p + b, and the weights sum to one
     lse = run_max + torch.log(run_sum / WEIGHT_SCALE)
     return D.float(), lse.squeeze(1)
-
-
-def _exact_logits(xd, rows: _Train, n0: int, n1: int, q, n, m, inv):
-    """-||x_q - m y_(n0 + n)||^2 / (2 sigma_q^2) for the pairs (q, n), by direct
-    differences in float64, a batch of pairs at a time."""
-    out = torch.empty(q.shape[0], dtype=torch.float64, device=xd.device)
-    for b in range(0, q.shape[0], EXACT_BATCH):
-        qb, nb = q[b : b + EXACT_BATCH], n[b : b + EXACT_BATCH]
-        diff = xd[qb] - m[qb] * rows.as_float64(n0, n1, nb)
-        out[b : b + EXACT_BATCH] = -diff.square().sum(1) * inv[qb, 0]
-    return out

@@ -76,8 +76,8 @@ def test_both_precision_fallbacks_are_accurate(path, monkeypatch):
 
 def test_direct_differences_are_used_at_small_sigma(monkeypatch):
     calls = []
-    original = stream._exact_logits
-    monkeypatch.setattr(stream, "_exact_logits", lambda *a: calls.append(a[4].numel()) or original(*a))
+    original = stream.pair_logits
+    monkeypatch.setattr(stream, "pair_logits", lambda *a: calls.append(a[2].numel()) or original(*a))
     train, gen = train_of("uint8")
     x = query_cases(as_rows64(train), gen, 0.002)
     run(x, train, 0.002)
@@ -158,19 +158,24 @@ def test_nan_in_train_and_unsupported_inputs():
                                torch.ones(2, dtype=torch.float64))
 
 
-def test_compiled_stages_equal_eager(monkeypatch):
-    """The fused (torch.compile) form of the elementwise stages, the default on CUDA,
-    computes what the eager one does."""
+@pytest.mark.parametrize("dense", [False, True])
+def test_compiled_stages_equal_eager(monkeypatch, dense):
+    """The fused (torch.compile) form of the stages, the default on CUDA, computes what the
+    eager one does: at small sigma (direct differences), large sigma (expansion logits), and
+    with every chunk taking the float64 GEMM (`dense`)."""
+    if dense:
+        monkeypatch.setattr(stream, "DENSE_FRACTION", -1.0)
     train, gen = train_of("uint8")
     train = train[:64, :192].contiguous()
     y = as_rows64(train)
-    x = query_cases(torch.cat([y] * 1), gen, 0.3)
-    eager, lse_eager = run(x, train, 0.3)
+    cases = [(sigma, query_cases(y, gen, sigma)) for sigma in (0.002, 0.3, 3.0, 80.0)]
+    eager = [run(x, train, sigma) for sigma, x in cases]
     monkeypatch.setenv("DIFFMEM_OPTIMAL_COMPILE", "1")
     monkeypatch.setattr(stream, "_COMPILED", None)
-    compiled, lse_compiled = run(x, train, 0.3)
-    assert rel_err(compiled, eager.double()) <= 1e-6
-    assert (lse_compiled - lse_eager).abs().max() <= 1e-9 * lse_eager.abs().max() + 1e-9
+    for (sigma, x), (D_eager, lse_eager) in zip(cases, eager):
+        D, lse = run(x, train, sigma)
+        assert rel_err(D, D_eager.double()) <= 1e-6, f"sigma={sigma}"
+        assert (lse - lse_eager).abs().max() <= 1e-9 * lse_eager.abs().max() + 1e-9, f"sigma={sigma}"
 
 
 def test_registered_as_the_ops_cuda_kernel():
@@ -192,7 +197,7 @@ def test_compiler_failure_falls_back_to_eager(monkeypatch):
     monkeypatch.setattr(stream, "_COMPILED", None)
     train, gen = train_of("uint8")
     x = query_cases(as_rows64(train), gen, 1.0)
-    with pytest.warns(UserWarning, match="torch.compile of chunk_(logits|weights) failed"):
+    with pytest.warns(UserWarning, match="torch.compile of (chunk_logits|chunk_weights|pair_logits) failed"):
         D, lse = run(x, train, 1.0)
     ref, ref_lse = dense_denoise(x, 1.0, train)
     assert_accurate(D, lse, ref, ref_lse, "eager after a compiler failure")
