@@ -19,13 +19,18 @@ tensor cores' fast path), which is why a logit needs care:
     csrc/denoiser/cpu/optimal_cpu.cpp). Items whose logit is, by E, more than NEGLIGIBLE
     below the row's best weigh < e^-50 and are dropped; items with A <= LOGIT_TOL keep the
     expansion logit; the others (the few nearest items at small sigma, near-ties) get
-    ||x - m y_n||^2 by direct differences in float64, or, where a chunk has many of them,
-    the chunk's dot products come from one float64 GEMM.
+    ||x - m y_n||^2 by direct differences in float64 (one fused gather-and-reduce).
+  * Where a chunk has many such items (middle sigma, where many items matter and the
+    float32 error is not yet divided away), it moves up a tier: the products accumulated
+    in float32 over blocks of BLOCK_K features and summed in float64 (the error grows with
+    the block, not with d), then, if that is not enough, one float64 GEMM. On CIFAR-10 rows
+    the blocked tier leaves at most a few percent of items to direct differences at every
+    sigma, so the float64 GEMM is a safety net.
   * Weights exp(l - max) in [0, 1] are scaled by 2^15 before rounding to float16 (so
     nothing that matters underflows) and the sum of the *rounded* weights is the
     denominator: D is an exact convex combination of slightly perturbed weights (relative
     perturbation <= 2^-11 each), so its error stays far below the 5e-4 budget in practice.
-The tensor-core product `mm_f16_f32` is torch.mm(..., out_dtype=float32) on CUDA; on the
+The tensor-core products `mm_f16_f32`/`bmm_f16_f32` are torch.mm/bmm(..., out_dtype=float32) on CUDA; on the
 CPU (tests) it is emulated by a float32 product of the same float16 operands, which is
 exact product by product (11-bit by 11-bit mantissas), so only the summation order differs.
 """
@@ -44,7 +49,12 @@ WEIGHT_SCALE = 2.0**15  # weights in (0, 1] -> (0, 2^15] before rounding to floa
 # float64 rows (~2^27 bytes per batch); the fused (compiled) one reads them in place
 EAGER_PAIR_BYTES = 1 << 27
 FUSED_PAIR_BATCH = 1 << 20
-DENSE_FRACTION = 1 / 16  # above this share of inexact items a chunk takes the float64 GEMM
+# A chunk moves up a precision tier (see the loop) when more than this share of its items
+# would need direct differences: from tier 0 to the blocked products (about 2.5 float16
+# GEMMs' worth), from those to the float64 GEMM (about 13); modelled H100 costs, with direct
+# differences at a few ns per pair.
+ESCALATE = (1 / 64, 1 / 16)
+BLOCK_K = 256  # features per float32-accumulated block of the blocked products
 U32 = 2.0**-23  # float32 accumulation, counted as truncation (one ulp)
 U64 = 2.0**-53
 SPLIT = 2.0**-21  # |v - hi - lo| <= 2^-22 |v| per float16 split; doubled for the dropped lo.lo
@@ -67,6 +77,13 @@ def mm_f16_f32(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None
     if acc is None:
         return torch.mm(a.float(), b.float())
     return torch.addmm(acc, a.float(), b.float())
+
+
+def bmm_f16_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched a (k, M, K) @ b (k, K, N) for float16 operands, float32 accumulation and result."""
+    if a.is_cuda:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
 
 
 def split_f16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,24 +151,32 @@ class _Train:
         return r.double() / 127.5 - 1.0 if self.uint8 else r.double()
 
 
-def chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, excluded, u: float, split: float, d: int):
+def chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, excluded, u: float, split: float, d: int,
+                 coh=None, inc=None, c_coh: float | None = None, bound_coef: float | None = None):
     """From t = t_scale x . p (float32 accumulation of unit u, float16 splits leaving a
     relative residual `split`; u = 2^-53, split = 0 for the float64 fallback; t_scale, a
     and b are 0-d float64 tensors, so the compiled form never specializes on them): the row
     references ref (B, 1), the logits relative to them (-inf for negligible or excluded
     items; float64, as ref can lie far below the best logit when its bound is wide), which
     kept items have a too inexact logit, and how many. Elementwise work and two row
-    reductions, written to be fused by torch.compile."""
+    reductions, written to be fused by torch.compile.
+
+    The error of x . p is estimated as the CPU op does: a coherent part c_coh u coh (coh =
+    |t|, c_coh = sqrt(d): partial sums growing together) and an incoherent one 3 u inc
+    (inc = ||x|| ||p||), plus the split residuals, independent roundings that add up like a
+    random walk, ~split ||x|| ||p|| / sqrt(d), counted three times. The rigorous bound is
+    bound_coef ||x|| ||p|| (default: gamma_d for up to three products and the splits'
+    worst case). The blocked products pass their own coh, inc, c_coh and bound_coef."""
     t = t.double() / t_scale
     ny, pn = ny[None], pn[None]
     dot = a * t + b * x_sum  # x . y
     xp = xn * pn
-    # error of x . y: an estimate (accumulated rounding, coherent and incoherent parts, see
-    # the CPU op; the split residuals are independent roundings, so they add up like a
-    # random walk, ~split ||x|| ||p|| / sqrt(d), counted three times) and a rigorous bound
-    # (gamma_d per product, up to three products, the splits' worst case)
-    err = a * (u * (math.sqrt(d) * t.abs() + 3.0 * xp) + 3.0 * split * xp / math.sqrt(d))
-    bound = a * 1.25 * (3.0 * d * u + 2.0 * split) * xp
+    coh = t.abs() if coh is None else coh / t_scale
+    inc = xp if inc is None else inc
+    c_coh = math.sqrt(d) if c_coh is None else c_coh
+    bound_coef = 3.0 * d * u + 2.0 * split if bound_coef is None else bound_coef
+    err = a * (u * (c_coh * coh + 3.0 * inc) + 3.0 * split * xp / math.sqrt(d))
+    bound = a * 1.25 * bound_coef * xp
     L = -(nx + m * m * ny - 2.0 * m * dot) * inv
     sums = U64 * 4 * (nx + m * m * ny + 2.0 * m * dot.abs())
     E = (2.0 * m * bound + 1.25 * sums) * inv
@@ -163,6 +188,20 @@ def chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, exclu
     rel = torch.where(keep, L - ref, -math.inf)
     inexact = keep & (A > LOGIT_TOL)
     return ref, rel, inexact, inexact.sum()
+
+
+def chunk_logits_blocked(tb, t_rest, inc, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, excluded,
+                         u: float, split: float, d: int):
+    """chunk_logits for x . p accumulated in float32 over blocks of BLOCK_K features and
+    summed in float64: tb (blocks, B, n) holds hi . p per block, t_rest the small products
+    (lo . p, and hi . p_lo for split rows) in one float32 GEMM; inc = sqrt(sum over blocks
+    of ||x_b||^2 ||p_b||^2). The float32 error then grows with the block length instead of
+    d: sqrt(d / BLOCK_K) times smaller, which keeps middle sigma off the float64 GEMM."""
+    t = tb.double().sum(0) + t_rest.double()
+    coh = tb.double().abs().sum(0) + t_rest.double().abs()
+    bound_coef = BLOCK_K * u + 2.0**-9 * d * u + 2.0 * split  # gamma_K per block; the small products
+    return chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, excluded, u, split, d,
+                        coh=coh, inc=inc, c_coh=math.sqrt(BLOCK_K), bound_coef=bound_coef)
 
 
 def chunk_weights(rel, ref, run_max, run_sum, acc):
@@ -195,11 +234,11 @@ def _stages(device: torch.device):
     warning: same results, more kernels."""
     flag = os.environ.get("DIFFMEM_OPTIMAL_COMPILE")
     if not (flag == "1" or (flag is None and device.type == "cuda")):
-        return chunk_logits, chunk_weights, pair_logits, False
+        return chunk_logits, chunk_logits_blocked, chunk_weights, pair_logits, False
     global _COMPILED
     if _COMPILED is None:
-        _COMPILED = (_compiled_or_eager(chunk_logits), _compiled_or_eager(chunk_weights),
-                     _compiled_or_eager(pair_logits), True)
+        _COMPILED = tuple(_compiled_or_eager(f) for f in (chunk_logits, chunk_logits_blocked, chunk_weights,
+                                                          pair_logits)) + (True,)
     return _COMPILED
 
 
@@ -238,7 +277,7 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
     B, d = x.shape
     N = train.shape[0]
     dev = x.device
-    logits_stage, weights_stage, pairs_stage, fused = _stages(dev)
+    logits_stage, blocked_stage, weights_stage, pairs_stage, fused = _stages(dev)
     pair_batch = FUSED_PAIR_BATCH if fused else max(1024, EAGER_PAIR_BYTES // (8 * d))
     step = chunk_rows(B, N, d)
     rows = _Train(train, step)
@@ -258,40 +297,70 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
     run_sum = torch.zeros((B, 1), dtype=torch.float64, device=dev)  # in WEIGHT_SCALE units
     acc = torch.zeros((B, d), dtype=torch.float32, device=dev)  # sum of rounded weights x p_n
 
-    def expansion(n0: int, best_so_far: torch.Tensor):
-        """Chunk n0's product rows, label mask and expansion logits (queued, no host sync)."""
+    nb = -(-d // BLOCK_K)
+    pad = nb * BLOCK_K - d
+    blocked_x = {}  # x's blocks for the blocked products, made on first use
+
+    def x_blocks():
+        if not blocked_x:
+            hi_pad = torch.nn.functional.pad(x_hi, (0, pad))
+            blocked_x["hi"] = hi_pad.view(B, nb, BLOCK_K).transpose(0, 1).contiguous()  # (nb, B, K)
+            x_pad = torch.nn.functional.pad(xd, (0, pad))
+            blocked_x["sq"] = x_pad.square().view(B, nb, BLOCK_K).sum(-1)  # ||x_b||^2, (B, nb)
+        return blocked_x["hi"], blocked_x["sq"]
+
+    # Precision tiers of a chunk's logits: 0 float16 products with float32 accumulation,
+    # 1 the same accumulated in blocks, 2 a float64 GEMM. A chunk with too many inexact
+    # items moves up; later chunks start at the tier the last one needed (sigma, not the
+    # chunk, decides it).
+    def expansion(n0: int, best_so_far: torch.Tensor, tier: int):
+        """Chunk n0's product rows, label mask and logits at `tier` (queued, no host sync)."""
         n1 = min(N, n0 + step)
         hi, lo = rows.product_rows(n0, n1)
         excluded = None if labels is None else labels[:, None] != train_labels[None, n0:n1]
-        t = mm_f16_f32(x_hi, hi.T)  # s x . p, float32 accumulation
-        t = mm_f16_f32(x_lo, hi.T, t)
+        return (n0, n1, hi, lo, excluded, tier) + logits_at(tier, n0, n1, hi, lo, excluded, best_so_far)
+
+    def logits_at(tier, n0, n1, hi, lo, excluded, best_so_far):
+        common = (x_sum, nx, xn, rows.ny[n0:n1])
+        if tier == 2:
+            t64 = xd @ rows.as_float64(n0, n1).T
+            return logits_stage(t64, one, *common, rows.yn[n0:n1], m, inv, one, zero, best_so_far, excluded,
+                                U64, 0.0, d)
+        t = mm_f16_f32(x_lo, hi.T)  # the small products (scaled by s)
         if lo is not None:
             t = mm_f16_f32(x_hi, lo.T, t)
-        return (n0, n1, hi, lo, excluded) + logits_stage(
-            t, s_t, x_sum, nx, xn, rows.ny[n0:n1], rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,
-            U32, SPLIT, d)
+        if tier == 0:
+            t = mm_f16_f32(x_hi, hi.T, t)  # s x . p, float32 accumulation
+            return logits_stage(t, s_t, *common, rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,
+                                U32, SPLIT, d)
+        xb, xb_sq = x_blocks()
+        p_pad = torch.nn.functional.pad(hi, (0, pad)).view(n1 - n0, nb, BLOCK_K)
+        tb = bmm_f16_f32(xb, p_pad.permute(1, 2, 0))  # (nb, B, n)
+        inc = (xb_sq @ p_pad.float().square().sum(-1).double().T).sqrt()
+        return blocked_stage(tb, t, inc, s_t, *common, rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,
+                             U32, SPLIT, d)
 
+    tier = 0
     starts = list(range(0, N, step))
-    pending = expansion(starts[0], run_max)
+    pending = expansion(starts[0], run_max, tier)
     for i in range(len(starts)):
         # Queue the next chunk's products before this chunk's host sync, so the GPU has work
         # while the host decides. Its negligibility cut uses the running max before this
         # chunk: a lower bound of the true one, so it only keeps more items than needed.
-        following = expansion(starts[i + 1], run_max) if i + 1 < len(starts) else None
-        n0, n1, hi, lo, excluded, ref, rel, inexact, count = pending
-        n_inexact = int(count)  # the one host sync per chunk
-        if n_inexact > DENSE_FRACTION * inexact.numel():
-            # many items matter with too inexact logits (middle sigma): one float64 GEMM
-            t64 = xd @ rows.as_float64(n0, n1).T
-            ref, rel, inexact, count = logits_stage(t64, one, x_sum, nx, xn, rows.ny[n0:n1], rows.yn[n0:n1], m, inv,
-                                                    one, zero, run_max, excluded, U64, 0.0, d)
+        following = expansion(starts[i + 1], run_max, tier) if i + 1 < len(starts) else None
+        n0, n1, hi, lo, excluded, chunk_tier, ref, rel, inexact, count = pending
+        n_inexact = int(count)  # the one host sync per chunk (more where the tier moves up)
+        while chunk_tier < 2 and n_inexact > ESCALATE[chunk_tier] * inexact.numel():
+            chunk_tier += 1
+            ref, rel, inexact, count = logits_at(chunk_tier, n0, n1, hi, lo, excluded, run_max)
             n_inexact = int(count)
+        tier = max(tier, chunk_tier)
         if n_inexact:
             q, n = inexact.nonzero(as_tuple=True)
             chunk = train[n0:n1]
             for b in range(0, q.shape[0], pair_batch):
-                qb, nb = q[b : b + pair_batch], n[b : b + pair_batch]
-                rel[qb, nb] = pairs_stage(x, chunk, qb, nb, m, inv, alpha_t, beta_t) - ref[qb, 0]
+                qb, nb_ = q[b : b + pair_batch], n[b : b + pair_batch]
+                rel[qb, nb_] = pairs_stage(x, chunk, qb, nb_, m, inv, alpha_t, beta_t) - ref[qb, 0]
 
         run_max, w, run_sum, acc = weights_stage(rel, ref, run_max, run_sum, acc)
         acc = mm_f16_f32(w, hi, acc)

@@ -61,10 +61,14 @@ def test_plain_float16_products_would_fail(monkeypatch):
     assert worst > TOL
 
 
-@pytest.mark.parametrize("path", ["exact-only", "dense-always"])
-def test_both_precision_fallbacks_are_accurate(path, monkeypatch):
-    """Direct differences for every inexact item, or the float64 GEMM for every chunk."""
-    monkeypatch.setattr(stream, "DENSE_FRACTION", math.inf if path == "exact-only" else -1.0)
+TIERS = {"exact-only": (math.inf, math.inf), "blocked-always": (-1.0, math.inf), "dense-always": (-1.0, -1.0)}
+
+
+@pytest.mark.parametrize("path", list(TIERS))
+def test_every_precision_tier_is_accurate(path, monkeypatch):
+    """Direct differences for every inexact item at the first tier, or every chunk at the
+    blocked products, or every chunk at the float64 GEMM."""
+    monkeypatch.setattr(stream, "ESCALATE", TIERS[path])
     train, gen = train_of("uint8")
     y = as_rows64(train)
     for sigma in (0.002, 0.3, 3.0, 80.0):
@@ -158,13 +162,11 @@ def test_nan_in_train_and_unsupported_inputs():
                                torch.ones(2, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_compiled_stages_equal_eager(monkeypatch, dense):
+@pytest.mark.parametrize("tiers", list(TIERS))
+def test_compiled_stages_equal_eager(monkeypatch, tiers):
     """The fused (torch.compile) form of the stages, the default on CUDA, computes what the
-    eager one does: at small sigma (direct differences), large sigma (expansion logits), and
-    with every chunk taking the float64 GEMM (`dense`)."""
-    if dense:
-        monkeypatch.setattr(stream, "DENSE_FRACTION", -1.0)
+    eager one does at every precision tier and sigma."""
+    monkeypatch.setattr(stream, "ESCALATE", TIERS[tiers])
     train, gen = train_of("uint8")
     train = train[:64, :192].contiguous()
     y = as_rows64(train)
