@@ -30,18 +30,21 @@ from .reference import optimal as _reference
 CONVENTIONS = ("kernel", "density")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+
+def _cuda_kernel(x, train, sigma, scale, labels, train_labels, topk):
+    """The op's CUDA kernel: streaming on tensor cores (diffmem/optimal_stream.py) where it
+    applies; float64 input and top-k take the float64 reference."""
+    impl = optimal_stream if optimal_stream.handles(x, train, topk) else _reference
+    return impl.optimal_denoise(x, train, sigma, scale, labels, train_labels, topk)
+
+
 if _native.AVAILABLE:
 
     @torch.library.register_fake("diffmem::optimal_denoise")
     def _optimal_denoise_fake(x, train, sigma, scale, labels, train_labels, topk):
         return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=torch.float64)
 
-    @torch.library.register_kernel("diffmem::optimal_denoise", "cuda")
-    def _optimal_denoise_cuda(x, train, sigma, scale, labels, train_labels, topk):
-        """The CUDA kernel: streaming on tensor cores (diffmem/optimal_stream.py) where it
-        applies; float64 input and top-k take the float64 reference."""
-        impl = optimal_stream if optimal_stream.handles(x, train, topk) else _reference
-        return impl.optimal_denoise(x, train, sigma, scale, labels, train_labels, topk)
+    torch.library.register_kernel("diffmem::optimal_denoise", "cuda", _cuda_kernel)
 
 
 def denoise(

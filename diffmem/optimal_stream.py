@@ -42,6 +42,8 @@ import warnings
 
 import torch
 
+from .reference.optimal import rows_as_float64
+
 NEGLIGIBLE = 50.0  # e^-50 = 2e-22 relative weight: cannot move D
 LOGIT_TOL = 2e-4  # largest accepted error estimate of an expansion logit (as the CPU op)
 WEIGHT_SCALE = 2.0**15  # weights in (0, 1] -> (0, 2^15] before rounding to float16
@@ -146,9 +148,8 @@ class _Train:
             return (rows * self.s_y).to(torch.float16), None
         return split_f16(rows * self.s_y)
 
-    def as_float64(self, n0: int, n1: int, idx: torch.Tensor | None = None) -> torch.Tensor:
-        r = self.raw[n0:n1] if idx is None else self.raw[n0:n1][idx]
-        return r.double() / 127.5 - 1.0 if self.uint8 else r.double()
+    def as_float64(self, n0: int, n1: int) -> torch.Tensor:
+        return rows_as_float64(self.raw[n0:n1])
 
 
 def chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, excluded, u: float, split: float, d: int,
@@ -218,11 +219,11 @@ def chunk_weights(rel, ref, run_max, run_sum, acc):
     return new_max, w, new_sum, acc * factor.float()
 
 
-def pair_logits(x, rows, q, n, m, inv, alpha, beta):
+def pair_logits(x, rows, q, n, m, inv):
     """-||x_q - m_q y_n||^2 / (2 sigma_q^2) by direct differences in float64 for the pairs
-    (q, n), with y = alpha raw + beta (uint8 pixels: 1 / 127.5, -1). Compiled, the gathers
-    and the reduction fuse into one kernel that reads the rows where they lie."""
-    y = rows[n].double() * alpha + beta
+    (q, n) of the stored rows (uint8 read as img / 127.5 - 1). Compiled, the gathers and
+    the reduction fuse into one kernel that reads the rows where they lie."""
+    y = rows_as_float64(rows[n])
     diff = x[q].double() - m[q] * y
     return -diff.square().sum(1) * inv[q, 0]
 
@@ -289,9 +290,8 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
     s = _pow2_scale(float(x.abs().max()))
     x_hi, x_lo = split_f16(x * s)
     x_sum = xd.sum(1, keepdim=True)
-    alpha, beta = (1.0 / 127.5, -1.0) if rows.uint8 else (1.0, 0.0)  # y from the stored rows
-    scalars = torch.tensor([s, rows.a, rows.b, 1.0, 0.0, alpha, beta], dtype=torch.float64, device=dev)
-    s_t, a_t, b_t, one, zero, alpha_t, beta_t = scalars.unbind()
+    scalars = torch.tensor([s, rows.a, rows.b, 1.0, 0.0], dtype=torch.float64, device=dev)
+    s_t, a_t, b_t, one, zero = scalars.unbind()
 
     run_max = torch.full((B, 1), -math.inf, dtype=torch.float64, device=dev)  # absolute logits
     run_sum = torch.zeros((B, 1), dtype=torch.float64, device=dev)  # in WEIGHT_SCALE units
@@ -301,12 +301,14 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
     pad = nb * BLOCK_K - d
     blocked_x = {}  # x's blocks for the blocked products, made on first use
 
+    def in_blocks(v: torch.Tensor) -> torch.Tensor:
+        """(rows, d) -> (rows, nb, BLOCK_K), zero-padded where d is not a multiple."""
+        return (torch.nn.functional.pad(v, (0, pad)) if pad else v).view(v.shape[0], nb, BLOCK_K)
+
     def x_blocks():
         if not blocked_x:
-            hi_pad = torch.nn.functional.pad(x_hi, (0, pad))
-            blocked_x["hi"] = hi_pad.view(B, nb, BLOCK_K).transpose(0, 1).contiguous()  # (nb, B, K)
-            x_pad = torch.nn.functional.pad(xd, (0, pad))
-            blocked_x["sq"] = x_pad.square().view(B, nb, BLOCK_K).sum(-1)  # ||x_b||^2, (B, nb)
+            blocked_x["hi"] = in_blocks(x_hi).transpose(0, 1).contiguous()  # (nb, B, K)
+            blocked_x["sq"] = in_blocks(xd).square().sum(-1)  # ||x_b||^2, (B, nb)
         return blocked_x["hi"], blocked_x["sq"]
 
     # Precision tiers of a chunk's logits: 0 float16 products with float32 accumulation,
@@ -334,7 +336,7 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
             return logits_stage(t, s_t, *common, rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,
                                 U32, SPLIT, d)
         xb, xb_sq = x_blocks()
-        p_pad = torch.nn.functional.pad(hi, (0, pad)).view(n1 - n0, nb, BLOCK_K)
+        p_pad = in_blocks(hi)
         tb = bmm_f16_f32(xb, p_pad.permute(1, 2, 0))  # (nb, B, n)
         inc = (xb_sq @ p_pad.float().square().sum(-1).double().T).sqrt()
         return blocked_stage(tb, t, inc, s_t, *common, rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,
@@ -360,7 +362,7 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
             chunk = train[n0:n1]
             for b in range(0, q.shape[0], pair_batch):
                 qb, nb_ = q[b : b + pair_batch], n[b : b + pair_batch]
-                rel[qb, nb_] = pairs_stage(x, chunk, qb, nb_, m, inv, alpha_t, beta_t) - ref[qb, 0]
+                rel[qb, nb_] = pairs_stage(x, chunk, qb, nb_, m, inv) - ref[qb, 0]
 
         run_max, w, run_sum, acc = weights_stage(rel, ref, run_max, run_sum, acc)
         acc = mm_f16_f32(w, hi, acc)

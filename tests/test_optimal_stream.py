@@ -12,6 +12,7 @@ import torch
 import diffmem
 from diffmem import optimal_stream as stream
 from test_optimal import LSE_ATOL32, SIGMAS, TOL, as_rows64, dense_denoise, query_cases, rel_err, training_set
+from test_optimal_cuda import _separated_images
 
 GRID = SIGMAS + [0.3, 3.0, 5.0, 20.0, 40.0]
 
@@ -229,20 +230,12 @@ def test_cifar10_rows_at_every_sigma():
 
 @pytest.fixture
 def stream_dispatch(monkeypatch):
-    """diffmem.optimal takes the streaming path on the CPU too (where it applies)."""
+    """diffmem.optimal takes the op's CUDA kernel function on the CPU too."""
     from diffmem import optimal
-    from diffmem.reference import optimal as reference
 
-    def dispatch(x, train, sigma, scale, labels=None, train_labels=None, topk=0):
-        impl = stream if stream.handles(x, train, topk) else reference
-        return impl.optimal_denoise(x, train, sigma, scale, labels, train_labels, topk)
-
-    monkeypatch.setattr(optimal, "optimal_denoise", dispatch)
-
-
-def _separated_images(N=12, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (N, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    monkeypatch.setattr(optimal, "optimal_denoise",
+                        lambda x, train, sigma, scale, labels=None, train_labels=None, topk=0:
+                        optimal._cuda_kernel(x, train, sigma, scale, labels, train_labels, topk))
 
 
 def test_heun_sampling_equals_the_cpu_op(stream_dispatch, monkeypatch):
