@@ -19,7 +19,6 @@ Rerunning resumes the sweep.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import shutil
@@ -30,6 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import cpu_model, git_commit, git_dirty, slug  # noqa: E402
+from diffmem.training.checkpoint import write_json_atomic  # noqa: E402
 
 # Settings per scale: the base resolution and one to compare it with, sizes (multiples of
 # 10: the class-balanced rule), model and training length, chosen so that the base
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     )
     json_path = pathlib.Path(args.json or ROOT / "bench" / "results" / f"emm-reproduction-{slug(device)}.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomic(record, json_path)
     figure = sweep_dir / "report-figures" / "ratio-vs-size.png"
     if report_path is not None and figure.is_file():  # the main figure beside the record
         shutil.copyfile(figure, json_path.with_suffix(".png"))

@@ -24,6 +24,7 @@
 #
 # Output, in $OUT (set by the device tool; ./gpu-out when unset), at most 8 files:
 #   summary.txt     one line per step (exit code, seconds, status), then each benchmark's table
+#                   (it and gpu_check.log are refreshed after every step)
 #   gpu_check.log   everything the steps printed
 #   results.tar.gz  every step's log and every JSON the benchmarks wrote
 #   *.json          the benchmarks' JSON records (bench/results/<name>-<device>.json), as
@@ -91,6 +92,9 @@ run_step() {
     RC[$name]=$rc
     printf '%-14s %5s %7s  %s\n' "$name" "$rc" "$(($(date +%s) - t0))" "$status" >>"$SUMMARY"
     echo "=== $name: rc=$rc ($status)" | tee -a "$LOG"
+    # what has run so far comes back even if the device tool's own timeout ends the script
+    cp "$SUMMARY" "$OUT/summary.txt"
+    cp "$LOG" "$OUT/gpu_check.log"
     return 0
 }
 

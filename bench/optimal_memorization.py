@@ -3,7 +3,8 @@ stops it, at a cost in distance to the data.
 
     python bench/optimal_memorization.py                              # CPU: |D| = 1,000, 1,000 samples, minutes
     python bench/optimal_memorization.py --samples 10000              # the papers' sample count
-    python bench/optimal_memorization.py --device cuda --size 50000 --samples 10000 --tikhonov 0   # all of CIFAR-10
+    DIFFMEM_CUDA_OPTIMAL=1 python bench/optimal_memorization.py --device cuda --precision float32 \
+        --size 50000 --samples 1024 --tikhonov 0          # all of CIFAR-10 (bench/gpu_optimal_full.sh)
 
 Every setting is one `diffmem sample` run (diffmem.cli.sample: EDM Heun, 18 steps, seeds
 0..N-1, no labels; its run directory goes under --workdir), scored by Gu et al.'s criterion
@@ -46,6 +47,7 @@ def run_setting(c: float, args, workdir: pathlib.Path) -> dict:
     outdir = workdir / f"tikhonov-{c:g}"
     argv = ["--data", args.data, "--size", str(args.size), "--samples", str(args.samples),
             "--sample-batch", str(args.sample_batch), "--steps", str(args.steps), "--device", args.device,
+            "--precision", args.precision,
             "--grid-rows", "8", "--outdir", str(outdir)]
     if c > 0:
         argv += ["--tikhonov", repr(c)]
@@ -118,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", default=f"cifar10:{DEFAULT_HELD_OUT}" if DEFAULT_HELD_OUT.is_file() else "",
                         help="real images outside the training set, for a reference knn distance ('' for none)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--precision", choices=("float64", "float32"), default="float64",
+                        help="the denoiser's compute precision (diffmem sample --precision; float32 takes the "
+                             "op's fast kernels: on CUDA the tensor-core one where DIFFMEM_CUDA_OPTIMAL=1)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--workdir", default=None, help="parent of the per-setting run directories (default: a temporary one)")
     parser.add_argument("--json", default=None, help="default: bench/results/optimal-memorization-<device>.json")
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                                             holds=plain["ratio"] >= REQUIRED_RATIO)
     record = dict(command=" ".join(sys.argv), git_commit=git_commit(), git_dirty=git_dirty(), device=device,
                   torch=torch.__version__, data=args.data, size=args.size, subset="balanced", labels="none",
-                  samples=args.samples, sampler="heun", steps=args.steps, seeds=f"0-{args.samples - 1}",
+                  samples=args.samples, precision=args.precision, sampler="heun", steps=args.steps, seeds=f"0-{args.samples - 1}",
                   knn_distance_units="mean NN1 l2 distance / sqrt(C*H*W), uint8 pixels",
                   plain_memorizes=check, breaking_point=breaking_point(rows), sweep=rows,
                   held_out_reference=reference,

@@ -278,6 +278,18 @@ def test_sweep_report_with_a_single_entry_and_no_factors(tiny_run, tmp_path):
     assert "runs/never" in text
 
 
+def test_sweep_report_when_every_run_failed_lists_them_without_figures(tmp_path):
+    sweep_dir = tmp_path / "all-failed"
+    sweep_dir.mkdir()
+    runs = [dict(size=size, ratio=None, max_ratio=None, final_ratio=None, n_samples=None, run_dir=f"runs/r{size}",
+                 status="failed", error="diffmem-train: error: no CUDA device") for size in (20, 50)]
+    _write_summary(sweep_dir, [_entry(0, dict(labels="none"), runs, status="failed")], ["labels"])
+    text = write_report(sweep_dir).read_text()
+    assert _table_row(text, "0")[2] == "n/a" and "No run has finished: no figures." in text
+    assert "runs/r20" in text and "runs/r50" in text
+    assert not (sweep_dir / FIGURES_DIR).exists()
+
+
 def test_sweep_report_survives_a_damaged_run(sweep):
     sweep_dir, _ = sweep
     (sweep_dir / "runs" / "c8-64" / "results.json").write_text("{cut")

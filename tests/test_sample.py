@@ -184,7 +184,10 @@ def test_tikhonov_experiment_script_runs(tmp_path):
     out = tmp_path / "record.json"
     code = optimal_memorization.main(["--data", "digits", "--size", "20", "--samples", "20", "--steps", "4",
                                       "--tikhonov", "0,1", "--held-out", "", "--workdir", str(tmp_path / "runs"),
-                                      "--json", str(out)])
+                                      "--precision", "float32", "--json", str(out)])
     assert code in (0, None)
     record = json.loads(out.read_text())
+    assert record["precision"] == "float32"
+    config = json.loads((tmp_path / "runs" / "tikhonov-0" / "config.json").read_text())
+    assert config["precision"] == "float32"  # reached the sampling run
     assert record["plain_memorizes"]["holds"] and record["plain_memorizes"]["ratio"] >= 0.99

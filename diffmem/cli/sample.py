@@ -70,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--sigma-max", type=float, default=80.0, help="highest noise level of the schedule (default: 80)")
     ev.add_argument("--precision", choices=PRECISIONS, default="float64",
                     help="compute precision of the optimal denoiser: float64 (default) or float32 (the native "
-                         "CPU op in float32, relative error <= 5e-4, faster; on CUDA the reference computes in "
-                         "float64 either way)")
+                         "op in float32, relative error <= 5e-4, faster; on CUDA its tensor-core kernel where "
+                         "enabled (DIFFMEM_CUDA_OPTIMAL=1), else the float64 reference)")
     ev.add_argument("--grid-rows", type=int, default=16, help="rows of [sample | NN1 | NN2] in the PNG grid (default: 16)")
 
     perf = parser.add_argument_group("performance and output")

@@ -27,10 +27,12 @@ class EmpiricalOptimalDenoiser:
     so the op computes in float64 (error ~1e-12). torch.float32 keeps float32 queries:
     on the CPU the native op then computes in float32 (float64 logits only where float32
     would lose them; relative error of D <= 5e-4, see diffmem.optimal), which is faster
-    (1.4x at B = 64, N = 2,000, d = 3,072 on one core of the development CPU). On CUDA there is no native kernel yet (diffmem._native), so the PyTorch
-    reference computes in float64 whatever dtype says, and float32 only rounds the
-    queries and D to float32: no faster, and D is the exact optimum at the rounded
-    queries (the native op's budget is about the same rounding). Deliberately
+    (1.4x at B = 64, N = 2,000, d = 3,072 on one core of the development CPU). On CUDA,
+    float32 queries take the op's float16 tensor-core streaming kernel
+    (diffmem/optimal_stream.py, same error budget) when it is enabled (diffmem._native:
+    off by default until it has passed its tests on a GPU, DIFFMEM_CUDA_OPTIMAL=1 turns
+    it on); otherwise the PyTorch reference computes in float64 whatever dtype says, and
+    float32 only rounds the queries and D to float32. Deliberately
     there is no float32 mode of the reference: it is the float64 truth the tests and
     benchmarks compare against. float64 training images make the op compute in float64
     in either case.

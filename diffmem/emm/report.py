@@ -649,6 +649,10 @@ def sweep_report(sweep_dir: pathlib.Path, report_dir: pathlib.Path, figures_dir:
               ""]
     if not entries:
         return "\n".join(lines).rstrip() + "\n"
+    if not any(view.finished_runs for view in entries):  # nothing to draw (yet)
+        lines += ["No run has finished: no figures.", ""]
+        lines += _missing_lines(entries)
+        return "\n".join(lines).rstrip() + "\n"
 
     lines += ["## Memorization ratio vs |D|", "",
               _image("memorization ratio vs |D|",
