@@ -6,20 +6,26 @@
 #
 #     python bench/carry_data.py split ../shared/data/cifar10-train.npz --parts 3
 #
-# then make three device calls at once, one after the other, each with this command and one part:
+# then make three device calls, each at once after the last, each with one part and one stage:
 #
-#     run(command="bash bench/gpu_optimal_full.sh", carry=["carry/cifar10-train.part1of3.npz"], timeout_s=300)
-#     run(..., carry=["carry/cifar10-train.part2of3.npz"], timeout_s=120)
-#     run(..., carry=["carry/cifar10-train.part3of3.npz"], timeout_s=600)
+#     run(command="bash bench/gpu_optimal_full.sh tests", carry=["carry/cifar10-train.part1of3.npz"], timeout_s=420)
+#     run(command="bash bench/gpu_optimal_full.sh bench", carry=["carry/cifar10-train.part2of3.npz"], timeout_s=300)
+#     run(command="bash bench/gpu_optimal_full.sh full",  carry=["carry/cifar10-train.part3of3.npz"], timeout_s=600)
 #
 # Every call stashes its part in data-cache/ (bench/carry_data.py gather) and builds the
 # extension if it is not built yet (CPU kernels only: the op's CUDA kernel is Python,
-# diffmem/optimal_stream.py). The call that completes the set joins and verifies it, then
-# samples SAMPLES images (default 1,024, seeds 0..1023, Heun 18 steps, batch 512) with the
-# CUDA kernel (DIFFMEM_CUDA_OPTIMAL=1, float32 queries) and scores them against all 50,000.
-# Record: $OUT/optimal-memorization-<gpu>-50k.json and .png; copy both into bench/results/.
+# diffmem/optimal_stream.py), then runs its stage, so the calls that wait for data do the
+# kernel's checks meanwhile:
+#   tests  pytest tests/test_optimal_cuda.py (the CUDA kernel forced on in its cases)
+#   bench  DIFFMEM_CUDA_OPTIMAL=1 bench/optimal.py --device cuda (B=512, N=50,000, random rows,
+#          4 sigmas, the float16 floor; as gpu_check.sh's bench_optimal)
+#   full   joins and verifies the parts, samples SAMPLES images (default 1,024, seeds 0..1023,
+#          Heun 18 steps, batch 512) with the CUDA kernel (float32 queries) and scores them
+#          against all 50,000 training images
+# Records in $OUT: optimal-*.json (bench), optimal-memorization-<gpu>-50k.{json,png} (full);
+# copy them into bench/results/.
 #
-# Knobs: SAMPLES (1024), RUN_LIMIT_S (480, the experiment's own timeout), PYTHON (python3).
+# Knobs: SAMPLES (1024), RUN_LIMIT_S (480, the stage's own timeout), PYTHON (python3).
 
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,6 +45,24 @@ if ! "$PYTHON" -c "import diffmem._C" 2>/dev/null; then
         || { echo "build failed: see build.log"; tail -20 "$OUT/build.log"; exit 1; }
 fi
 "$PYTHON" -c "import diffmem._native as n; print('native extension:', n.AVAILABLE, n.LOAD_ERROR or '')"
+STAGE="${1:-full}"
+LIMIT="${RUN_LIMIT_S:-480}"
+case "$STAGE" in
+    tests)
+        timeout -k 10 "$LIMIT" "$PYTHON" -m pytest tests/test_optimal_cuda.py -q -rs -s -p no:cacheprovider \
+            --durations=10 --junitxml="$OUT/test_optimal_cuda.xml"
+        echo "exit code $?"
+        exit 0 ;;
+    bench)
+        MARK="$(mktemp)"
+        DIFFMEM_CUDA_OPTIMAL=1 timeout -k 10 "$LIMIT" "$PYTHON" bench/optimal.py --device cuda --data random \
+            --floors float16 --sigmas 0.002,1,5,80 --repeat 3
+        echo "exit code $?"
+        find bench/results -maxdepth 1 -name 'optimal-*.json' -newer "$MARK" -exec cp {} "$OUT/" \;
+        exit 0 ;;
+    full) ;;
+    *) echo "unknown stage '$STAGE': tests, bench or full"; exit 2 ;;
+esac
 
 DATA="data-cache/cifar10-train.npz"
 if [ ! -f "$DATA" ]; then
@@ -47,7 +71,7 @@ if [ ! -f "$DATA" ]; then
 fi
 GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))" 2>/dev/null || echo unknown-gpu)
 echo "=== optimal denoiser on all of CIFAR-10, ${SAMPLES:-1024} samples, $GPU"
-DIFFMEM_CUDA_OPTIMAL=1 timeout -k 10 "${RUN_LIMIT_S:-480}" "$PYTHON" bench/optimal_memorization.py \
+DIFFMEM_CUDA_OPTIMAL=1 timeout -k 10 "$LIMIT" "$PYTHON" bench/optimal_memorization.py \
     --device cuda --precision float32 --data "$DATA" --size 50000 --samples "${SAMPLES:-1024}" \
     --sample-batch 512 --tikhonov 0 --held-out "" --json "$OUT/optimal-memorization-$GPU-50k.json"
 echo "exit code $?"

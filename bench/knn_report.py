@@ -111,6 +111,11 @@ NOTES = [
 ]
 
 
-def write_json(record: dict, path: Path) -> None:
+def write_json(record: dict, path: Path, *, complete: bool = True) -> None:
+    """The record, atomically; complete=False marks a partial one, written as a long run
+    goes so that a run cut short (a device's time limit) keeps what it measured."""
+    from diffmem.training.checkpoint import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    record = {**record, "complete": complete}
+    write_atomic(path, lambda file: file.write(json.dumps(record, indent=2, default=str) + "\n"), "w")

@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sigmas", default=DEFAULT_SIGMAS, help=f"comma list (default: {DEFAULT_SIGMAS})")
     p.add_argument("--dtype", default="uint8,float32", help="training-set dtypes (default: uint8,float32)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs after 1 warm-up (default: 5)")
+    p.add_argument("--floors", default=",".join(f.removeprefix("bare_gemm_") for f in CUDA_FLOORS),
+                   help="CUDA: the bare-GEMM floors to time, comma list of float16,float32,float64 (default: "
+                        "all); the floor of the precision the op computes in is always timed")
     p.add_argument("--data", choices=["random", "cifar10"], default="cifar10",
                    help="training rows: CIFAR-10 (default) or random uint8 pixels")
     p.add_argument("--data-dir", type=Path, default=knn_data.DEFAULT_DATA_DIR)
@@ -79,6 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--B ({args.B}) must not exceed --N ({args.N}): queries are noisy training rows")
     args.sigma_list = [float(s) for s in args.sigmas.split(",") if s]
     args.dtypes = [t for t in args.dtype.split(",") if t]
+    args.floor_names = [f"bare_gemm_{f}" for f in args.floors.split(",") if f]
+    bad = set(args.floor_names) - set(CUDA_FLOORS)
+    if bad:
+        p.error(f"--floors must be among float16,float32,float64, got {sorted(f.removeprefix('bare_gemm_') for f in bad)}")
     bad = set(args.dtypes) - {"uint8", "float32"}
     if bad:
         p.error(f"--dtype must be uint8 and/or float32, got {sorted(bad)}")
@@ -260,10 +267,12 @@ def add_targets(res: dict, dtype: str, floor: str) -> None:
         res["targets"].append(target.evaluate(res.get(name, {}).get("ratio_vs_diffmem")))
 
 
-def device_record(args, device: torch.device, *, sync=_no_sync, stats=None, log=None) -> dict:
+def device_record(args, device: torch.device, *, sync=_no_sync, stats=None, log=None, progress=None) -> dict:
     """The --device cuda measurements on `device`: runs, memory, path and settings. Written
     for CUDA; it runs on any device (a test drives it on the CPU with tiny sizes and a
-    stand-in for torch.cuda's memory statistics)."""
+    stand-in for torch.cuda's memory statistics). progress(record) is called after every
+    measurement with the record so far."""
+    progress = progress or (lambda record: None)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     stats = stats if stats is not None else torch.cuda
     rows, data_info = load_rows(args)
@@ -276,10 +285,11 @@ def device_record(args, device: torch.device, *, sync=_no_sync, stats=None, log=
     y_pick = y64[pick.to(device)].cpu()
     path = diffmem_path(device)
     floor = f"bare_gemm_{path['computes_in']}"
+    floors = {f: CUDA_FLOORS[f] for f in CUDA_FLOORS if f in args.floor_names or f == floor}
     record = {"data": data_info, "shapes": {"B": args.B, "N": args.N, "d": args.d},
               "dtypes": args.dtypes, "sigmas": args.sigma_list, "repeat": args.repeat,
               "queries": "x = y + sigma n for B random training rows y, float32",
-              "diffmem_path": path, "floor": floor,
+              "diffmem_path": path, "floor": floor, "floors": list(floors),
               "floor_note": f"{floor}: the bare GEMM in the precision the op computes in "
                             f"({path['computes_in']}, {path['path']} path)",
               "targets_note": "issue 5 (GPU, B=512, N=50,000, d=3,072): reference/diffmem >= 5, "
@@ -294,10 +304,13 @@ def device_record(args, device: torch.device, *, sync=_no_sync, stats=None, log=
                 noise = torch.randn(args.B, args.d, generator=gen, dtype=torch.float64)
                 x = (y_pick + sigma * noise).float().to(device)
                 log(f"{dtype} sigma={sigma}")
-                res = run_one(x, train, y32, y64, sigma, args.repeat, floors=CUDA_FLOORS, sync=sync,
+                res = run_one(x, train, y32, y64, sigma, args.repeat, floors=floors, sync=sync,
                               measure_load=False)
                 add_targets(res, dtype, floor)
                 record["runs"][dtype][str(sigma)] = res
+                log(f"{dtype} sigma={sigma}: diffmem {res['diffmem']['median_s']:.4f} s, "
+                    f"reference {res['reference']['median_s']:.4f} s, {floor} {res[floor]['median_s']:.4f} s")
+                progress(record)
         del y64
         x = (y_pick + 0.5 * torch.randn(args.B, args.d, generator=gen, dtype=torch.float64)).float().to(device)
         for dtype in args.dtypes:
@@ -315,7 +328,7 @@ def device_record(args, device: torch.device, *, sync=_no_sync, stats=None, log=
 
 
 def device_table(record: dict) -> str:
-    floors = list(CUDA_FLOORS)
+    floors = record["floors"]
     floor = record["floor"]
     lines = [f"diffmem path: {record['diffmem_path']['path']} (computes in {record['diffmem_path']['computes_in']}); "
              f"floor = {floor}; TF32 matmul {'on' if record['tf32']['cuda_matmul_allow_tf32'] else 'off'}",
@@ -450,7 +463,8 @@ def main_cuda(args) -> dict:
     device_name = machine.device_name("cuda", args.threads)
     out_path = args.out or default_out(args, device_name)
     env = environment(args, device_name)  # first, so the load average predates our own work
-    record = {**env, **device_record(args, device, sync=torch.cuda.synchronize, stats=torch.cuda)}
+    partial = lambda r: knn_report.write_json({**env, **r}, out_path, complete=False)  # noqa: E731
+    record = {**env, **device_record(args, device, sync=torch.cuda.synchronize, stats=torch.cuda, progress=partial)}
     record["cuda"] = {"torch_cuda": torch.version.cuda, "capability": list(torch.cuda.get_device_capability()),
                       "memory_total_bytes": torch.cuda.get_device_properties(device).total_memory}
     print(f"\n== optimal denoiser | B={args.B} N={args.N} d={args.d} | {device_name} | {record['data']['source']} ==")

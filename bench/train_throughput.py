@@ -549,6 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for name in args.variant_names:
             record["variants"][name] = measure(VARIANTS[name], args, kwargs, images_u8, indices)
+            knn_report.write_json(record, out_path, complete=False)
     finally:
         torch.backends.cudnn.benchmark = cudnn_before
     picks = add_ratios(record["variants"])

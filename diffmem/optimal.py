@@ -110,7 +110,7 @@ def denoise(
 
     D, lse = optimal_denoise(q, rows, sig, m, lab, tlab, k)
     if tau is not None or c is not None:
-        D = _regularized(D, lse, q, sig, m, c, tau, truncate_convention, _participants(lab, tlab, k, rows.shape[0]))
+        D = _regularized(D, lse, q, sig, m, c, tau, truncate_convention, _participants(lab, tlab, k, rows.shape[0], q.device))
     D = D.reshape(shape)
     return (D, lse) if return_lse else D
 
@@ -155,16 +155,17 @@ def _regularized(D, lse, x, sigma, m, c, tau, convention, participants):
     return (x_m + shrink[:, None] * (D.double() - x_m)).to(D.dtype)
 
 
-def _participants(labels, train_labels, k, N):
-    """How many items each query averages over (the N of the density convention)."""
+def _participants(labels, train_labels, k, N, device):
+    """How many items each query averages over (the N of the density convention), on
+    `device` (a CPU tensor of shape (1,) would not mix with CUDA ones)."""
     if labels is None:
-        n = torch.full((1,), N, dtype=torch.long)
+        n = torch.full((1,), N, dtype=torch.long, device=device)
     else:
         counts = torch.bincount(train_labels - train_labels.min())
-        n = counts[labels - train_labels.min()].cpu()
+        n = counts[labels - train_labels.min()]
     if k:
         n = torch.clamp(n, max=k)
-    return n.to(labels.device if labels is not None else "cpu")
+    return n.to(device)
 
 
 # ---- input checks --------------------------------------------------------------------------

@@ -48,9 +48,11 @@ NEGLIGIBLE = 50.0  # e^-50 = 2e-22 relative weight: cannot move D
 LOGIT_TOL = 2e-4  # largest accepted error estimate of an expansion logit (as the CPU op)
 WEIGHT_SCALE = 2.0**15  # weights in (0, 1] -> (0, 2^15] before rounding to float16
 # (query, item) pairs per direct-difference batch: eager kernels materialize the gathered
-# float64 rows (~2^27 bytes per batch); the fused (compiled) one reads them in place
+# float64 rows (~2^27 bytes per batch); the fused (compiled) one reads them in place. Its
+# batch stays moderate all the same: should Dynamo run a stage eagerly after all (it does so
+# silently past its recompile limit), 2^18 pairs x 3,072 float64 are 6 GiB a temporary.
 EAGER_PAIR_BYTES = 1 << 27
-FUSED_PAIR_BATCH = 1 << 20
+FUSED_PAIR_BATCH = 1 << 18
 # A chunk moves up a precision tier (see the loop) when more than this share of its items
 # would need direct differences: from tier 0 to the blocked products (about 2.5 float16
 # GEMMs' worth), from those to the float64 GEMM (about 13); modelled H100 costs, with direct
@@ -61,6 +63,10 @@ U32 = 2.0**-23  # float32 accumulation, counted as truncation (one ulp)
 U64 = 2.0**-53
 SPLIT = 2.0**-21  # |v - hi - lo| <= 2^-22 |v| per float16 split; doubled for the dropped lo.lo
 F16_MAX_SAFE = 2.0**14  # |x| is scaled by a power of two below this before the split
+# torch.mm/bmm(..., out_dtype=float32) on float16 CUDA operands came in torch 2.8; addmm
+# with a float32 accumulator in 2.10 (pytorch/pytorch#167931): before that, add after.
+_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+HAS_OUT_DTYPE, HAS_ADDMM_F32_ACC = _TORCH >= (2, 8), _TORCH >= (2, 10)
 
 
 def chunk_rows(B: int, N: int, d: int) -> int:
@@ -75,6 +81,8 @@ def mm_f16_f32(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None
     if a.is_cuda:
         if acc is None:
             return torch.mm(a, b, out_dtype=torch.float32)
+        if not HAS_ADDMM_F32_ACC:
+            return torch.mm(a, b, out_dtype=torch.float32).add_(acc)
         return torch.addmm(acc, a, b, out_dtype=torch.float32)
     if acc is None:
         return torch.mm(a.float(), b.float())
@@ -152,6 +160,19 @@ class _Train:
         return rows_as_float64(self.raw[n0:n1])
 
 
+def small_products(x_hi, x_lo, hi, lo):
+    """s x . p without its large term x_hi . hi: x_lo . hi (+ x_hi . lo for split rows),
+    float32 accumulation; tier 0 adds x_hi . hi to it (small terms first)."""
+    t = mm_f16_f32(x_lo, hi.T)
+    return t if lo is None else mm_f16_f32(x_hi, lo.T, t)
+
+
+def product_error(coh, inc, xp, u: float, split: float, c_coh: float, d: int):
+    """The estimated error of x . p (see chunk_logits): coherent c_coh u coh, incoherent
+    3 u inc, and the split residuals as a random walk."""
+    return u * (c_coh * coh + 3.0 * inc) + 3.0 * split * xp / math.sqrt(d)
+
+
 def chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, excluded, u: float, split: float, d: int,
                  coh=None, inc=None, c_coh: float | None = None, bound_coef: float | None = None):
     """From t = t_scale x . p (float32 accumulation of unit u, float16 splits leaving a
@@ -176,7 +197,7 @@ def chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, exclu
     inc = xp if inc is None else inc
     c_coh = math.sqrt(d) if c_coh is None else c_coh
     bound_coef = 3.0 * d * u + 2.0 * split if bound_coef is None else bound_coef
-    err = a * (u * (c_coh * coh + 3.0 * inc) + 3.0 * split * xp / math.sqrt(d))
+    err = a * product_error(coh, inc, xp, u, split, c_coh, d)
     bound = a * 1.25 * bound_coef * xp
     L = -(nx + m * m * ny - 2.0 * m * dot) * inv
     sums = U64 * 4 * (nx + m * m * ny + 2.0 * m * dot.abs())
@@ -267,7 +288,9 @@ _COMPILED = None
 def handles(x: torch.Tensor, train: torch.Tensor, topk: int) -> bool:
     """Whether this implementation applies: the full softmax over float32 queries and a
     uint8/bfloat16/float32 training set. (float64 asks for float64 accuracy, and top-k
-    for exact neighbours: the float64 reference does those.)"""
+    for exact neighbours: the float64 reference does those.) On CUDA it needs torch >= 2.8."""
+    if x.is_cuda and not HAS_OUT_DTYPE:
+        return False
     return topk == 0 and x.dtype == torch.float32 and train.dtype in (torch.uint8, torch.bfloat16, torch.float32)
 
 
@@ -275,6 +298,13 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
     """The op for float32 x and a uint8/bfloat16/float32 training set (see module doc)."""
     if not handles(x, train, topk):
         raise ValueError("optimal_stream handles topk=0, float32 x and uint8/bfloat16/float32 train")
+    # The op has no autograd; one grad mode also keeps the compiled stages from compiling
+    # a second graph per signature (grad mode is part of their guards).
+    with torch.no_grad():
+        return _optimal_denoise(x, train, sigma, scale, labels, train_labels)
+
+
+def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
     B, d = x.shape
     N = train.shape[0]
     dev = x.device
@@ -328,9 +358,7 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
             t64 = xd @ rows.as_float64(n0, n1).T
             return logits_stage(t64, one, *common, rows.yn[n0:n1], m, inv, one, zero, best_so_far, excluded,
                                 U64, 0.0, d)
-        t = mm_f16_f32(x_lo, hi.T)  # the small products (scaled by s)
-        if lo is not None:
-            t = mm_f16_f32(x_hi, lo.T, t)
+        t = small_products(x_hi, x_lo, hi, lo)  # scaled by s
         if tier == 0:
             t = mm_f16_f32(x_hi, hi.T, t)  # s x . p, float32 accumulation
             return logits_stage(t, s_t, *common, rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,

@@ -17,10 +17,14 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("CUDA is not available", allow_module_level=True)
 
+# With a GPU, a missing or CPU-only build is a failure, not a skip: a GPU session that
+# skipped every test would look clean.
 try:
     import diffmem._C  # noqa: F401  (registers torch.ops.diffmem.*)
 except Exception as exc:  # pragma: no cover - depends on the build
-    pytest.skip(f"diffmem._C could not be imported: {exc}", allow_module_level=True)
+    pytest.fail(f"diffmem._C could not be imported: {exc}", pytrace=False)
+if not torch.ops.diffmem.built_with_cuda():
+    pytest.fail("diffmem._C was built without its CUDA kernels", pytrace=False)
 
 knn_topk = torch.ops.diffmem.knn_topk
 
@@ -273,6 +277,98 @@ def test_tf32_setting_is_restored():
             assert torch.backends.cuda.matmul.allow_tf32
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def _matmul_precision_state():
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # torch >= 2.9: the legacy and per-backend APIs were mixed
+        legacy = "mixed"
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision, legacy
+
+
+@pytest.mark.parametrize("mode", ["default", "high", "medium", "per-backend-tf32"])
+def test_matmul_precision_untouched(mode):
+    """The float path runs without TF32 and leaves the user's setting, made with either
+    API, as it was (the default one included: TF32 stays off)."""
+    try:
+        if mode in ("high", "medium"):
+            torch.set_float32_matmul_precision(mode)
+        elif mode == "per-backend-tf32":
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+        before = _matmul_precision_state()
+        gen = torch.Generator().manual_seed(2)
+        check(make(torch.float32, (20, 9), gen), make(torch.float32, (100, 9), gen), 3)
+        assert _matmul_precision_state() == before
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+
+
+def test_float32_verified_by_the_bound_with_tf32_on():
+    # Small norms: the bound verifies almost every query, so the GEMM's own precision is
+    # what decides the candidates (TF32 products would exceed the bound).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.set_float32_matmul_precision("high")
+        try:
+            gen = torch.Generator().manual_seed(4)
+            check(make(torch.float32, (300, 64), gen), make(torch.float32, (2000, 64), gen), 2)
+        finally:
+            torch.set_float32_matmul_precision("highest")
+            torch.backends.cuda.matmul.fp32_precision = "none"
+            torch.backends.mkldnn.matmul.fp32_precision = "none"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ref_tiles_narrower_than_k(dtype, monkeypatch):
+    monkeypatch.setenv("DIFFMEM_KNN_TILE_N", "8")
+    gen = torch.Generator().manual_seed(8)
+    check(make(dtype, (30, 11), gen), make(dtype, (200, 11), gen), 32)
+
+
+def test_uint8_query_tiles_below_the_gemm_minimum(monkeypatch):
+    # _int_mm needs more than 16 rows: tiles of 5 queries are padded (with rows of the next tile).
+    monkeypatch.setenv("DIFFMEM_KNN_TILE_Q", "5")
+    gen = torch.Generator().manual_seed(9)
+    check(make(torch.uint8, (23, 40), gen), make(torch.uint8, (300, 40), gen), 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_side_stream(dtype):
+    gen = torch.Generator().manual_seed(10)
+    x, y = make(dtype, (50, 33), gen), make(dtype, (700, 33), gen)
+    xs, ys = x.to(DEVICE), y.to(DEVICE)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        d, i = knn_topk(xs, ys, 5)
+    torch.cuda.current_stream().wait_stream(stream)
+    rd, ri = reference_topk(x, y, 5)
+    assert torch.equal(i.cpu(), ri)
+    if dtype == torch.uint8:
+        assert torch.equal(d.cpu(), rd.long())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_api_on_views(dtype, monkeypatch):
+    """diffmem.knn.topk with the CUDA kernel on views: rows starting one element in, and a
+    transposed batch (the wrapper makes them contiguous for the op)."""
+    import diffmem.knn
+
+    monkeypatch.setenv("DIFFMEM_CUDA_KNN", "1")
+
+    gen = torch.Generator().manual_seed(11)
+    x = make(dtype, (12, 64 + 1), gen)[:, 1:]  # rows start one element in
+    y = make(dtype, (64, 300), gen).T  # non-contiguous (300, 64)
+    dist, idx = diffmem.knn.topk(x.to(DEVICE), y.to(DEVICE), 3, squared=True)
+    rd, ri = reference_topk(x, y, 3)
+    assert torch.equal(idx.cpu(), ri)
+    if dtype == torch.uint8:
+        assert torch.equal(dist.cpu(), rd.long())
+    else:
+        torch.testing.assert_close(dist.cpu().double(), rd, rtol=1e-6, atol=1e-9)
 
 
 def test_rejects_bad_input():

@@ -493,6 +493,19 @@ class _FakeCudaStats:
         return self.allocated
 
 
+def test_bench_device_record_times_the_chosen_floors_and_the_paths_own(bench_optimal):
+    torch.set_num_threads(1)
+    args = bench_optimal.parse_args(["--B", "4", "--N", "64", "--d", "16", "--repeat", "1", "--data", "random",
+                                     "--memory-N", "64", "--sigmas", "1", "--dtype", "uint8", "--floors", "float16"])
+    rec = bench_optimal.device_record(args, torch.device("cpu"), stats=_FakeCudaStats(), log=lambda msg: None)
+    assert rec["floor"] == "bare_gemm_float32"  # the native CPU op computes in float32
+    assert rec["floors"] == ["bare_gemm_float16", "bare_gemm_float32"]
+    assert set(rec["runs"]["uint8"]["1.0"]) == {"diffmem", "reference", "bare_gemm_float16", "bare_gemm_float32",
+                                               "targets"}
+    with pytest.raises(SystemExit):
+        bench_optimal.parse_args(["--floors", "int8"])
+
+
 @pytest.mark.parametrize("path", ["native", "reference"])
 def test_bench_device_record_on_cpu(bench_optimal, monkeypatch, path):
     torch.set_num_threads(1)
@@ -502,8 +515,11 @@ def test_bench_device_record_on_cpu(bench_optimal, monkeypatch, path):
                                      "--memory-N", "800", "--sigmas", "0.002,1,80"])
     syncs = []
     stats = _FakeCudaStats()
+    seen = []  # what a run cut short would have kept: the runs measured so far
     rec = bench_optimal.device_record(args, torch.device("cpu"), sync=lambda: syncs.append(1), stats=stats,
-                                      log=lambda msg: None)
+                                      log=lambda msg: None,
+                                      progress=lambda r: seen.append(sum(map(len, r["runs"].values()))))
+    assert seen == [1, 2, 3, 4, 5, 6]
     assert rec["diffmem_path"]["path"] == path
     floor = "bare_gemm_float64" if path == "reference" else "bare_gemm_float32"
     assert rec["floor"] == floor and rec["diffmem_path"]["computes_in"] in floor

@@ -213,6 +213,46 @@ def test_mixed_devices_are_refused():
 # ---- sampling ------------------------------------------------------------------------------
 
 
+def product_error_ratios(kind: str, coherent: bool, device, d=3072, N=512, B=48, seed=0):
+    """The tensor-core products x . p of the streaming kernel (tier 0, on `device`) against
+    float64: the worst error over the kernel's error estimate and over its rigorous bound
+    (both as chunk_logits uses them, in x . p units). The estimate decides which logits are
+    trusted, so it must hold on the hardware, whose float32 accumulation may truncate rather
+    than round. coherent: queries a hair from training rows (x . p ~ ||x|| ||p||)."""
+    from diffmem import optimal_stream as stream
+
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "uint8":
+        train = torch.randint(0, 256, (N, d), generator=gen, dtype=torch.uint8)
+    else:
+        train = (torch.rand(N, d, generator=gen, dtype=torch.float64) * 2 - 1).float()
+        train = train.bfloat16() if kind == "bfloat16" else train
+    y = as_rows64(train)
+    x = (y[:B] + 0.01 * torch.randn(B, d, generator=gen, dtype=torch.float64) if coherent
+         else torch.rand(B, d, generator=gen, dtype=torch.float64) * 2 - 1).float()
+    rows = stream._Train(train.to(device), N)
+    s = stream._pow2_scale(float(x.abs().max()))
+    x_hi, x_lo = stream.split_f16(x.to(device) * s)
+    hi, lo = rows.product_rows(0, N)
+    t = stream.mm_f16_f32(x_hi, hi.T, stream.small_products(x_hi, x_lo, hi, lo)).double().cpu() / s
+    p = train.double() - 128.0 if kind == "uint8" else train.double() * rows.s_y
+    err = (t - x.double() @ p.T).abs()
+    xp = x.double().norm(dim=1, keepdim=True) * p.norm(dim=1)[None]
+    estimate = stream.product_error(t.abs(), xp, xp, stream.U32, stream.SPLIT, math.sqrt(d), d)
+    bound = 1.25 * (3.0 * d * stream.U32 + 2.0 * stream.SPLIT) * xp
+    return float((err / estimate).max()), float((err / bound).max())
+
+
+@pytest.mark.parametrize("coherent", [True, False], ids=["coherent", "incoherent"])
+@pytest.mark.parametrize("kind", ["uint8", "float32", "bfloat16"])
+def test_tensor_core_products_within_the_error_model(kind, coherent):
+    vs_estimate, vs_bound = product_error_ratios(kind, coherent, DEVICE)
+    print(f"{kind} {'coherent' if coherent else 'incoherent'}: worst error / estimate {vs_estimate:.3f}, "
+          f"/ bound {vs_bound:.3g}")
+    assert vs_bound <= 1.0
+    assert vs_estimate <= 1.0, f"the error estimate is exceeded by {vs_estimate:.2f}x on {torch.cuda.get_device_name()}"
+
+
 def _separated_images(N=12, seed=3):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (N, 3, 8, 8), dtype=torch.uint8, generator=gen)

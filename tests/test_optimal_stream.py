@@ -12,7 +12,7 @@ import torch
 import diffmem
 from diffmem import optimal_stream as stream
 from test_optimal import LSE_ATOL32, SIGMAS, TOL, as_rows64, dense_denoise, query_cases, rel_err, training_set
-from test_optimal_cuda import _separated_images
+from test_optimal_cuda import _separated_images, product_error_ratios
 
 GRID = SIGMAS + [0.3, 3.0, 5.0, 20.0, 40.0]
 
@@ -281,3 +281,12 @@ def test_opcheck_of_the_kernel_function():
                   torch.randn(40, 24, generator=gen), torch.randn(40, 24, generator=gen).bfloat16()):
         torch.library.opcheck(op, (x, train, sigma, scale, None, None, 0))
         torch.library.opcheck(op, (x, train, sigma, scale, lab, tl, 0))
+
+
+@pytest.mark.parametrize("coherent", [True, False], ids=["coherent", "incoherent"])
+@pytest.mark.parametrize("kind", ["uint8", "float32", "bfloat16"])
+def test_emulated_products_within_the_error_model(kind, coherent):
+    """The measure tests/test_optimal_cuda.py applies to the GPU's tensor cores, on the CPU
+    emulation (float32 BLAS, rounding to nearest): well inside the estimate."""
+    vs_estimate, vs_bound = product_error_ratios(kind, coherent, "cpu")
+    assert vs_estimate <= 1.0 and vs_bound <= 1.0

@@ -16,13 +16,29 @@ REF_TILE = 4096
 
 @contextlib.contextmanager
 def ieee_float32_matmul():
-    """TF32/bf16 matmuls would break the error bound of the float path."""
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    """TF32/bf16 matmuls would break the error bound of the float path. Whichever API the
+    user set the precision with is the one restored: since torch 2.9 the legacy getter
+    raises once the per-backend settings (torch.backends.*.fp32_precision) were changed."""
+    try:
+        saved = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        saved = None
+    if saved is not None:
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved)
+        return
+    backends = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    before = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(saved)
+        for b, value in zip(backends, before):
+            b.fp32_precision = value
 
 
 def _merge(run_d, run_i, new_d, new_i, k):

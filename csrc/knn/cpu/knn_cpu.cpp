@@ -212,6 +212,16 @@ bool lower_bounds_avx512(const RowBounds& r, const D* dots, int64_t n, double bo
   return lower_bounds(r, dots, n, bound, lo, err);  // float64 products: the BLAS path
 }
 
+// Whether float32 BLAS GEMMs run in full float32. Since torch 2.9 the legacy query throws
+// when the legacy and the per-backend precision APIs were mixed; then assume they may not.
+bool float32_matmul_is_ieee() {
+  try {
+    return at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST;
+  } catch (const c10::Error&) {
+    return false;
+  }
+}
+
 template <typename T>
 void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out_dist, int64_t* out_idx) {
   const int64_t Q = X.size(0), N = Y.size(0), d = X.size(1);
@@ -219,8 +229,7 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
   // BLAS; a BLAS float32 GEMM may run in reduced precision (TF32/bf16) when the user allowed
   // it, and then we take it in float64 so the bound below holds.
   const bool fused = std::is_same_v<T, float> && common::use_avx512f();
-  const bool ieee_gemm = std::is_same_v<T, double> ||
-                         at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST;
+  const bool ieee_gemm = std::is_same_v<T, double> || float32_matmul_is_ieee();
   const bool float32_products = std::is_same_v<T, float> && (fused || ieee_gemm);
   const double u_gemm = float32_products ? std::ldexp(1.0, -24) : std::ldexp(1.0, -53);
   const double g_dot = gamma(d, u_gemm), g64 = gamma(d + 4, std::ldexp(1.0, -53));

@@ -601,20 +601,36 @@ inline unsigned grid_for_rows(int64_t rows) {
   return static_cast<unsigned>(b);
 }
 
-// Disable TF32 (and any reduced precision) for float32 cuBLAS matmuls for the
-// lifetime of the object; restores the previous setting.
+// Disable TF32 for float32 cuBLAS matmuls for the lifetime of the object and restore
+// the user's setting after. Only the legacy calls (allowTF32CuBLAS, float32MatmulPrecision),
+// which every supported torch has, are used. Since torch 2.9 they throw when the legacy
+// and the per-backend APIs were mixed (e.g. only torch.backends.cuda.matmul.fp32_precision
+// = "tf32" was set); TF32 is then taken to be on. By default TF32 is off and nothing is
+// touched. The thread-local NoTF32Guard covers cuBLAS; the global flag also covers
+// cuBLASLt, which ignores the guard.
 class FullPrecisionMatmulGuard {
  public:
   FullPrecisionMatmulGuard() {
     auto& ctx = at::globalContext();
-    if (ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) !=
-        at::Float32Precision::IEEE) {
-      ctx.setAllowTF32CuBLAS(false);  // float32 matmul precision "highest"
+    bool tf32 = true;
+    try {
+      tf32 = ctx.allowTF32CuBLAS();
+    } catch (const c10::Error&) {
+    }
+    if (tf32) {
+      try {
+        medium_ = ctx.float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM;
+      } catch (const c10::Error&) {
+      }
+      ctx.setAllowTF32CuBLAS(false);
       restore_ = true;
     }
   }
   ~FullPrecisionMatmulGuard() {
-    if (restore_) at::globalContext().setAllowTF32CuBLAS(true);
+    if (!restore_) return;
+    auto& ctx = at::globalContext();
+    ctx.setAllowTF32CuBLAS(true);
+    if (medium_) ctx.setFloat32MatmulPrecision("medium");  // "high" would lose its bf16 CPU half
   }
   FullPrecisionMatmulGuard(const FullPrecisionMatmulGuard&) = delete;
   FullPrecisionMatmulGuard& operator=(const FullPrecisionMatmulGuard&) = delete;
@@ -622,6 +638,7 @@ class FullPrecisionMatmulGuard {
  private:
   at::NoTF32Guard no_tf32_;  // thread-local override, honoured by cuBLAS handles
   bool restore_ = false;
+  bool medium_ = false;
 };
 
 // ---------------------------------------------------------------------------
