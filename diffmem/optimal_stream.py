@@ -10,17 +10,21 @@ online softmax (running max, sum and weighted sum), so memory is O(B d + B * chu
 
 Precision. Both products run as float16 GEMMs with float32 accumulation and output (the
 tensor cores' fast path), which is why a logit needs care:
-  * x . y_n: x is split into two float16 terms, x = hi + lo + O(2^-22 |x|), and both are
-    multiplied by the rows, which are exact in float16 (uint8 pixel values 0..255,
-    bfloat16 in range) or split the same way (float32 rows: hi . y_hi + lo . y_hi +
-    hi . y_lo). What is left is the float32 accumulation, about what a float32 GEMM errs.
+  * x . y_n: first with one float16 term of x and of the rows (x = hi + O(2^-11 |x|)): at
+    large sigma the logits are divided by so much that this is enough, and at small sigma
+    only the few items that matter are inexact, which direct differences fix (below). Where
+    many items would be inexact (middle sigma) the chunk moves up to two terms: x = hi + lo
+    + O(2^-22 |x|), both multiplied by the rows, which are exact in float16 (uint8 pixel
+    values 0..255, bfloat16 in range) or split the same way (float32 rows: hi . y_hi +
+    lo . y_hi + hi . y_lo). What is left is the float32 accumulation, about what a float32
+    GEMM errs.
   * The expansion logit l = (2 m x.y - m^2 ||y||^2 - ||x||^2) / (2 sigma^2) then carries
     a rigorous error bound E and an estimate A (the same rounding model as the CPU op,
     csrc/denoiser/cpu/optimal_cpu.cpp). Items whose logit is, by E, more than NEGLIGIBLE
     below the row's best weigh < e^-50 and are dropped; items with A <= LOGIT_TOL keep the
     expansion logit; the others (the few nearest items at small sigma, near-ties) get
     ||x - m y_n||^2 by direct differences in float64 (one fused gather-and-reduce).
-  * Where a chunk has many such items (middle sigma, where many items matter and the
+  * Where a chunk still has many such items (middle sigma, where many items matter and the
     float32 error is not yet divided away), it moves up a tier: the products accumulated
     in float32 over blocks of BLOCK_K features and summed in float64 (the error grows with
     the block, not with d), then, if that is not enough, one float64 GEMM. On CIFAR-10 rows
@@ -30,6 +34,8 @@ tensor cores' fast path), which is why a logit needs care:
     nothing that matters underflows) and the sum of the *rounded* weights is the
     denominator: D is an exact convex combination of slightly perturbed weights (relative
     perturbation <= 2^-11 each), so its error stays far below the 5e-4 budget in practice.
+    Where few weights of a chunk are nonzero (small sigma), the weighted sum multiplies
+    only the rows some query weighs.
 The tensor-core products `mm_f16_f32`/`bmm_f16_f32` are torch.mm/bmm(..., out_dtype=float32) on CUDA; on the
 CPU (tests) it is emulated by a float32 product of the same float16 operands, which is
 exact product by product (11-bit by 11-bit mantissas), so only the summation order differs.
@@ -54,14 +60,19 @@ WEIGHT_SCALE = 2.0**15  # weights in (0, 1] -> (0, 2^15] before rounding to floa
 EAGER_PAIR_BYTES = 1 << 27
 FUSED_PAIR_BATCH = 1 << 18
 # A chunk moves up a precision tier (see the loop) when more than this share of its items
-# would need direct differences: from tier 0 to the blocked products (about 2.5 float16
-# GEMMs' worth), from those to the float64 GEMM (about 13); modelled H100 costs, with direct
-# differences at a few ns per pair.
-ESCALATE = (1 / 64, 1 / 16)
+# would need direct differences: from one float16 term to two (one more GEMM), from two to
+# the blocked products (about 2.5 float16 GEMMs' worth), from those to the float64 GEMM
+# (about 13); modelled H100 costs, with direct differences at a few ns per pair.
+ESCALATE = (1 / 96, 1 / 64, 1 / 16)  # from one float16 term (one more GEMM), from two, from blocks
+# The first chunks take two float16 terms; once a chunk has few items that matter (under
+# half of ESCALATE[0]: small sigma), the later ones start from one term.
+FIRST_TIER = 1
 BLOCK_K = 256  # features per float32-accumulated block of the blocked products
 U32 = 2.0**-23  # float32 accumulation, counted as truncation (one ulp)
 U64 = 2.0**-53
 SPLIT = 2.0**-21  # |v - hi - lo| <= 2^-22 |v| per float16 split; doubled for the dropped lo.lo
+SPLIT_ONE = 2.0**-10  # |v - hi| <= 2^-11 |v| for one float16 term (x's), doubled; 2x more for split rows
+SPARSE_WEIGHTS = 256  # a chunk with under 1/256 of its weights nonzero multiplies only the rows they weigh
 F16_MAX_SAFE = 2.0**14  # |x| is scaled by a power of two below this before the split
 # torch.mm/bmm(..., out_dtype=float32) on float16 CUDA operands came in torch 2.8; addmm
 # with a float32 accumulator in 2.10 (pytorch/pytorch#167931): before that, add after.
@@ -162,7 +173,7 @@ class _Train:
 
 def small_products(x_hi, x_lo, hi, lo):
     """s x . p without its large term x_hi . hi: x_lo . hi (+ x_hi . lo for split rows),
-    float32 accumulation; tier 0 adds x_hi . hi to it (small terms first)."""
+    float32 accumulation; tier 1 adds x_hi . hi to it (small terms first)."""
     t = mm_f16_f32(x_lo, hi.T)
     return t if lo is None else mm_f16_f32(x_hi, lo.T, t)
 
@@ -209,7 +220,7 @@ def chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, exclu
     keep = torch.isfinite(L) & ((L + E) >= ref - NEGLIGIBLE)
     rel = torch.where(keep, L - ref, -math.inf)
     inexact = keep & (A > LOGIT_TOL)
-    return ref, rel, inexact, inexact.sum()
+    return ref, rel, inexact, torch.stack([inexact.sum(), keep.sum()])
 
 
 def chunk_logits_blocked(tb, t_rest, inc, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, excluded,
@@ -238,6 +249,20 @@ def chunk_weights(rel, ref, run_max, run_sum, acc):
     w = (torch.exp(rel + shift) * WEIGHT_SCALE).to(torch.float16)
     new_sum = run_sum * factor + w.double().sum(1, keepdim=True)
     return new_max, w, new_sum, acc * factor.float()
+
+
+def weighted_sum(acc, w, hi, lo, n_kept: int):
+    """acc + w @ (hi + lo) (rows p_n in one or two float16 terms). Where few weights are
+    nonzero (small sigma: n_kept items at most), only the rows some query weighs take part:
+    the same tensor-core product over fewer columns, deterministic (no atomics), and far
+    less work than the dense one."""
+    if n_kept * SPARSE_WEIGHTS < w.numel():
+        active = torch.nonzero(w.ne(0).any(0)).squeeze(1)  # a host sync, in this case only
+        if active.numel() * 2 < w.shape[1]:
+            w, hi = w.index_select(1, active), hi.index_select(0, active)
+            lo = None if lo is None else lo.index_select(0, active)
+    acc = mm_f16_f32(w, hi, acc)
+    return acc if lo is None else mm_f16_f32(w, lo, acc)
 
 
 def pair_logits(x, rows, q, n, m, inv):
@@ -341,10 +366,11 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
             blocked_x["sq"] = in_blocks(xd).square().sum(-1)  # ||x_b||^2, (B, nb)
         return blocked_x["hi"], blocked_x["sq"]
 
-    # Precision tiers of a chunk's logits: 0 float16 products with float32 accumulation,
-    # 1 the same accumulated in blocks, 2 a float64 GEMM. A chunk with too many inexact
-    # items moves up; later chunks start at the tier the last one needed (sigma, not the
-    # chunk, decides it).
+    # Precision tiers of a chunk's logits: 0 one float16 term of x and of the rows, 1 two
+    # terms (float16 products with float32 accumulation), 2 the same accumulated in blocks,
+    # 3 a float64 GEMM. A chunk with too many inexact items moves up; later chunks start at
+    # the tier the last one needed (sigma, not the chunk, decides it), or at one term once a
+    # chunk had few items that matter at all.
     def expansion(n0: int, best_so_far: torch.Tensor, tier: int):
         """Chunk n0's product rows, label mask and logits at `tier` (queued, no host sync)."""
         n1 = min(N, n0 + step)
@@ -354,12 +380,16 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
 
     def logits_at(tier, n0, n1, hi, lo, excluded, best_so_far):
         common = (x_sum, nx, xn, rows.ny[n0:n1])
-        if tier == 2:
+        if tier == 0:
+            t = mm_f16_f32(x_hi, hi.T)  # s x_hi . p_hi
+            return logits_stage(t, s_t, *common, rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,
+                                U32, SPLIT_ONE * (1.0 if lo is None else 2.0), d)
+        if tier == 3:
             t64 = xd @ rows.as_float64(n0, n1).T
             return logits_stage(t64, one, *common, rows.yn[n0:n1], m, inv, one, zero, best_so_far, excluded,
                                 U64, 0.0, d)
         t = small_products(x_hi, x_lo, hi, lo)  # scaled by s
-        if tier == 0:
+        if tier == 1:
             t = mm_f16_f32(x_hi, hi.T, t)  # s x . p, float32 accumulation
             return logits_stage(t, s_t, *common, rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,
                                 U32, SPLIT, d)
@@ -370,7 +400,7 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
         return blocked_stage(tb, t, inc, s_t, *common, rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,
                              U32, SPLIT, d)
 
-    tier = 0
+    tier = FIRST_TIER
     starts = list(range(0, N, step))
     pending = expansion(starts[0], run_max, tier)
     for i in range(len(starts)):
@@ -379,12 +409,15 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
         # chunk: a lower bound of the true one, so it only keeps more items than needed.
         following = expansion(starts[i + 1], run_max, tier) if i + 1 < len(starts) else None
         n0, n1, hi, lo, excluded, chunk_tier, ref, rel, inexact, count = pending
-        n_inexact = int(count)  # the one host sync per chunk (more where the tier moves up)
-        while chunk_tier < 2 and n_inexact > ESCALATE[chunk_tier] * inexact.numel():
+        n_inexact, n_kept = count.tolist()  # the one host sync per chunk (more where the tier moves up)
+        while chunk_tier < 3 and n_inexact > ESCALATE[chunk_tier] * inexact.numel():
             chunk_tier += 1
             ref, rel, inexact, count = logits_at(chunk_tier, n0, n1, hi, lo, excluded, run_max)
-            n_inexact = int(count)
-        tier = max(tier, chunk_tier)
+            n_inexact, n_kept = count.tolist()
+        if n_kept < 0.5 * ESCALATE[0] * inexact.numel():
+            tier = 0  # few items matter: one term, direct differences for the inexact ones
+        else:
+            tier = max(tier, chunk_tier, 1)
         if n_inexact:
             q, n = inexact.nonzero(as_tuple=True)
             chunk = train[n0:n1]
@@ -393,9 +426,8 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
                 rel[qb, nb_] = pairs_stage(x, chunk, qb, nb_, m, inv) - ref[qb, 0]
 
         run_max, w, run_sum, acc = weights_stage(rel, ref, run_max, run_sum, acc)
-        acc = mm_f16_f32(w, hi, acc)
-        if lo is not None:
-            acc = mm_f16_f32(w, lo, acc)
+        if n_kept:  # else every weight is zero: nothing to add
+            acc = weighted_sum(acc, w, hi, lo, n_kept)
         pending = following
 
     if not bool((run_sum > 0).all()):

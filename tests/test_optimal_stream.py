@@ -5,6 +5,7 @@ dense float64 implementation of test_optimal.py. On CUDA the same code is the op
 kernel; tests/test_optimal_cuda.py runs it there.
 """
 import math
+import pathlib
 
 import pytest
 import torch
@@ -62,14 +63,16 @@ def test_plain_float16_products_would_fail(monkeypatch):
     assert worst > TOL
 
 
-TIERS = {"exact-only": (math.inf, math.inf), "blocked-always": (-1.0, math.inf), "dense-always": (-1.0, -1.0)}
+TIERS = {"exact-only": (math.inf, math.inf, math.inf), "two-terms-always": (-1.0, math.inf, math.inf),
+         "blocked-always": (-1.0, -1.0, math.inf), "dense-always": (-1.0, -1.0, -1.0)}
 
 
 @pytest.mark.parametrize("path", list(TIERS))
 def test_every_precision_tier_is_accurate(path, monkeypatch):
-    """Direct differences for every inexact item at the first tier, or every chunk at the
-    blocked products, or every chunk at the float64 GEMM."""
+    """Direct differences for every inexact item at the first tier (one float16 term), or
+    every chunk at two terms, at the blocked products, or at the float64 GEMM."""
     monkeypatch.setattr(stream, "ESCALATE", TIERS[path])
+    monkeypatch.setattr(stream, "FIRST_TIER", 0 if path == "exact-only" else 1)
     train, gen = train_of("uint8")
     y = as_rows64(train)
     for sigma in (0.002, 0.3, 3.0, 80.0):
@@ -104,6 +107,54 @@ def test_chunks_and_uneven_tail(kind, monkeypatch):
     ref, ref_lse = dense_denoise(x, 0.5, train)
     assert_accurate(many, lse_many, ref, ref_lse, "37-row chunks")
     assert rel_err(many, one.double()) <= 2 * TOL
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float32"])
+def test_few_items_matter_one_term_and_active_rows(kind, monkeypatch):
+    """Small sigma over several chunks: after the first chunk (two float16 terms) the
+    logits take one term, the weighted sums multiply only the few rows that some query
+    weighs, and the result stays within the budget."""
+    d, rows = 3072, 1000
+    calls = {"logit_gemms": 0, "narrow_weight_gemms": 0}
+    mm = stream.mm_f16_f32
+
+    def counted_mm(a, b, acc=None):
+        if a.shape[1] == d:  # x's terms (B, d) @ rows.T
+            calls["logit_gemms"] += 1
+        elif a.shape[1] < rows // 2:  # weights (B, active rows) @ rows
+            calls["narrow_weight_gemms"] += 1
+        return mm(a, b, acc)
+
+    monkeypatch.setattr(stream, "mm_f16_f32", counted_mm)
+    monkeypatch.setattr(stream, "chunk_rows", lambda B, N, d: rows)
+    train, gen = training_set(kind, N=4 * rows, d=d, seed=3)
+    y = as_rows64(train)
+    two_terms = 2 if kind == "uint8" else 3  # logit GEMMs of a chunk at two terms
+    for sigma in (0.002, 0.05, 0.3):
+        calls.update(logit_gemms=0, narrow_weight_gemms=0)
+        x = query_cases(y, gen, sigma)
+        D, lse = run(x, train, sigma)
+        ref, ref_lse = dense_denoise(x, sigma, train)
+        assert_accurate(D, lse, ref, ref_lse, f"{kind} sigma={sigma}")
+        # chunks 1 and 2 (queued before chunk 1's verdict) at two terms, chunks 3 and 4 at one
+        assert calls["logit_gemms"] == 2 * two_terms + 2, f"sigma={sigma}: {calls}"
+        assert calls["narrow_weight_gemms"] == 4 * (1 if kind == "uint8" else 2), f"sigma={sigma}: {calls}"
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("density", [0.001, 0.5])
+def test_weighted_sum_of_active_rows_equals_the_dense_product(split, density):
+    gen = torch.Generator().manual_seed(12)
+    w = (torch.rand(9, 400, generator=gen) * 2**15).half()
+    w[torch.rand(9, 400, generator=gen) > density] = 0
+    rows = torch.rand(400, 33, generator=gen, dtype=torch.float64) * 256 - 128
+    hi, lo = stream.split_f16(rows) if split else (rows.round().half(), None)
+    acc = torch.randn(9, 33, generator=gen)
+    dense = stream.mm_f16_f32(w, hi, acc.clone())
+    dense = dense if lo is None else stream.mm_f16_f32(w, lo, dense)
+    out = stream.weighted_sum(acc.clone(), w, hi, lo, int(w.ne(0).sum()))
+    scale = w.float().abs() @ (hi.float().abs() if lo is None else (hi.float() + lo.float()).abs())
+    assert ((out - dense).abs() <= 1e-6 * (scale + acc.abs())).all()  # float32 summation order
 
 
 def test_class_conditional_with_chunks_lacking_a_label(monkeypatch):
@@ -168,6 +219,7 @@ def test_compiled_stages_equal_eager(monkeypatch, tiers):
     """The fused (torch.compile) form of the stages, the default on CUDA, computes what the
     eager one does at every precision tier and sigma."""
     monkeypatch.setattr(stream, "ESCALATE", TIERS[tiers])
+    monkeypatch.setattr(stream, "FIRST_TIER", 0 if tiers == "exact-only" else 1)
     train, gen = train_of("uint8")
     train = train[:64, :192].contiguous()
     y = as_rows64(train)
@@ -290,3 +342,23 @@ def test_emulated_products_within_the_error_model(kind, coherent):
     emulation (float32 BLAS, rounding to nearest): well inside the estimate."""
     vs_estimate, vs_bound = product_error_ratios(kind, coherent, "cpu")
     assert vs_estimate <= 1.0 and vs_bound <= 1.0
+
+
+def test_work_counting_script_on_cifar10(tmp_path):
+    """bench/optimal_work.py counts the kernel's GEMM work: one term and active rows only
+    where few items matter (small sigma), two terms and a dense weighted sum at large sigma
+    (3 units), and D within the budget."""
+    import json
+    import sys
+
+    from helpers import shared_data
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from bench import optimal_work
+
+    out = tmp_path / "work.json"
+    assert optimal_work.main(["--B", "16", "--N", "2000", "--sigmas", "0.002,80", "--threads", "1",
+                              "--data", str(shared_data("cifar10-train.npz")), "--json", str(out)]) == 0
+    small, large = json.loads(out.read_text())["runs"]
+    assert small["float16_gemm_units"] < 3.0 and large["float16_gemm_units"] == pytest.approx(3.0)
+    assert max(small["rel_err_vs_float64"], large["rel_err_vs_float64"]) <= TOL

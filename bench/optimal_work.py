@@ -1,0 +1,125 @@
+"""How much work the optimal denoiser's CUDA kernel (diffmem/optimal_stream.py) does per
+call, on real CIFAR-10 rows: GEMM work in units of one dense B x N x d product, the share
+of (query, item) pairs that need float64 direct differences, and the error of D against
+float64. These are counts, not timings: they come out the same on any device, so the
+streaming algorithm runs here with its float16 products emulated on the CPU, and its GPU
+speed can be read off them (two such units are the float16 floor of bench/optimal.py).
+
+    python bench/optimal_work.py                       # B=256, N=50,000 CIFAR-10 rows, 2 threads
+    python bench/optimal_work.py --N 12000 --sigmas 0.002,1,80
+
+Queries: x = y + sigma n for B random training images y. Writes
+bench/results/optimal-work-cifar10-B<B>-N<N>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import git_commit, git_dirty  # noqa: E402
+from diffmem.training.checkpoint import write_json_atomic  # noqa: E402
+
+DEFAULT_SIGMAS = "0.002,0.1,0.5,1,3,5,10,20,40,80"
+
+
+class WorkCounter:
+    """Counts the kernel's GEMM work and direct-difference pairs while installed."""
+
+    def __init__(self, stream, unit: float):
+        self.stream, self.unit = stream, unit
+        self.mm, self.bmm, self.pairs = stream.mm_f16_f32, stream.bmm_f16_f32, stream.pair_logits
+        self.reset()
+
+    def reset(self):
+        self.gemm_units = 0.0
+        self.direct_pairs = 0
+
+    def __enter__(self):
+        def mm(a, b, acc=None):
+            self.gemm_units += a.shape[0] * a.shape[1] * b.shape[1] / self.unit
+            return self.mm(a, b, acc)
+
+        def bmm(a, b):
+            self.gemm_units += a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2] / self.unit
+            return self.bmm(a, b)
+
+        def pairs(x, rows, q, n, m, inv):
+            self.direct_pairs += q.numel()
+            return self.pairs(x, rows, q, n, m, inv)
+
+        self.stream.mm_f16_f32, self.stream.bmm_f16_f32, self.stream.pair_logits = mm, bmm, pairs
+        return self
+
+    def __exit__(self, *exc):
+        self.stream.mm_f16_f32, self.stream.bmm_f16_f32, self.stream.pair_logits = self.mm, self.bmm, self.pairs
+        # the float64 GEMM tier (x @ rows.T in float64) is not a float16 GEMM: counted apart
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--B", type=int, default=256)
+    parser.add_argument("--N", type=int, default=50000)
+    parser.add_argument("--sigmas", default=DEFAULT_SIGMAS)
+    parser.add_argument("--data", type=pathlib.Path, default=ROOT.parent / "shared" / "data" / "cifar10-train.npz")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=pathlib.Path, default=None)
+    args = parser.parse_args(argv)
+    if not args.data.is_file():
+        print(f"optimal_work: no CIFAR-10 archive at {args.data} (pass --data)", file=sys.stderr)
+        return 1
+    with np.load(args.data) as archive:
+        images = archive["images"]
+    if not 1 <= args.B <= args.N <= len(images):
+        print(f"optimal_work: need 1 <= B <= N <= {len(images)}, got B={args.B}, N={args.N}", file=sys.stderr)
+        return 1
+    torch.set_num_threads(args.threads)
+    from diffmem import optimal_stream as stream
+
+    train = torch.from_numpy(np.ascontiguousarray(images[: args.N].reshape(args.N, -1)))
+    d = train.shape[1]
+    gen = torch.Generator().manual_seed(args.seed)
+    y = train[torch.randperm(args.N, generator=gen)[: args.B]].double() / 127.5 - 1
+    y64 = train.double() / 127.5 - 1
+    rows = []
+    counter = WorkCounter(stream, float(args.B) * args.N * d)
+    for sigma in [float(s) for s in args.sigmas.split(",") if s]:
+        x = (y + sigma * torch.randn(args.B, d, generator=gen, dtype=torch.float64)).float()
+        sig = torch.full((args.B,), sigma, dtype=torch.float64)
+        start = time.perf_counter()
+        with counter:
+            counter.reset()
+            D, _ = stream.optimal_denoise(x, train, sig, torch.ones(args.B, dtype=torch.float64))
+        seconds = time.perf_counter() - start
+        xd = x.double()
+        sq = (xd * xd).sum(1, keepdim=True) + (y64 * y64).sum(1) - 2 * xd @ y64.T
+        truth = torch.softmax(-sq.clamp_min(0) / (2 * sigma**2), 1) @ y64
+        err = float(((D.double() - truth).norm(dim=1) / truth.norm(dim=1)).max())
+        row = dict(sigma=sigma, float16_gemm_units=round(counter.gemm_units, 4),
+                   direct_difference_share=counter.direct_pairs / (args.B * args.N),
+                   rel_err_vs_float64=err, cpu_seconds_emulated=seconds)
+        rows.append(row)
+        print(f"sigma {sigma:<6g} GEMM units {row['float16_gemm_units']:5.2f}  direct differences "
+              f"{100 * row['direct_difference_share']:6.3f}%  error {err:.1e}  ({seconds:.1f} s)", flush=True)
+    out = args.json or ROOT / "bench" / "results" / f"optimal-work-cifar10-B{args.B}-N{args.N}.json"
+    record = dict(command=" ".join([sys.executable, *sys.argv]), git_commit=git_commit(), git_dirty=git_dirty(),
+                  torch=torch.__version__, data=str(args.data.name), B=args.B, N=args.N, d=d,
+                  chunk_rows=stream.chunk_rows(args.B, args.N, d),
+                  unit="one dense B x N x d float16 GEMM (bench/optimal.py's float16 floor is 2 units)",
+                  queries="x = y + sigma n, y random training images", runs=rows)
+    write_json_atomic(record, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
