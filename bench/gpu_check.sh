@@ -17,7 +17,7 @@
 #   import        which diffmem._C loaded, built_with_cuda, CPU kernels          (cap  30 s)
 #   test_knn      pytest tests/test_knn_cuda.py -q                               (cap  90 s)
 #   bench_knn     python bench/knn.py --device cuda --dtype uint8 --methods
-#                 diffmem,cdist_topk,bare_gemm_int8 with DIFFMEM_CUDA_KNN=1 (the CUDA
+#                 diffmem,bare_gemm_int8,cdist_topk with DIFFMEM_CUDA_KNN=1 (the CUDA
 #                 kernel); only when test_knn passed (the PyTorch path computes in float64,
 #                 about 45 s a call at this size)                               (cap 150 s)
 #   bench_train   python bench/train_throughput.py --device cuda --compile-limit 60 (cap 200 s)
@@ -193,7 +193,7 @@ if [ -z "$CUDA_KNN" ] && [ "${RC[test_knn]:-x}" = 0 ]; then CUDA_KNN=1; fi
 if [ -n "$CUDA_KNN" ]; then
     echo "(bench_knn runs with DIFFMEM_CUDA_KNN=$CUDA_KNN)" >>"$SUMMARY"
     run_step bench_knn 150 env DIFFMEM_CUDA_KNN="$CUDA_KNN" "$PYTHON" bench/knn.py --device cuda --dtype uint8 \
-        --methods diffmem,cdist_topk,bare_gemm_int8
+        --methods diffmem,bare_gemm_int8,cdist_topk
 else
     RC[bench_knn]=skipped
     printf '%-14s %5s %7s  %s\n' bench_knn - 0 "skipped: test_knn did not pass" >>"$SUMMARY"

@@ -180,12 +180,18 @@ def add_ratios(results: dict, device: str, dtype: str) -> None:
             r["target"] = target.evaluate(r.get("ratio_vs_diffmem"))
 
 
-def run_dtype(inp, dtype: str, args, exact) -> dict:
+def run_dtype(inp, dtype: str, args, exact, progress=None) -> dict:
+    """Every method on one input dtype; progress(results so far, with their ratios) after
+    each method, so that a run cut short keeps what it measured."""
     _log(f"dtype {dtype}:")
     sync = sync_for(args.device)
     results, outputs = {}, {}
     for name in args.method_names:
         results[name], outputs[name] = measure(name, inp, dtype, args.repeat, sync)
+        if progress is not None:
+            partial = {n: dict(r) for n, r in results.items()}
+            add_ratios(partial, args.device, dtype)
+            progress(partial)
     check(results, outputs, exact)
     add_ratios(results, args.device, dtype)
     return results
@@ -240,13 +246,13 @@ def main(argv: list[str] | None = None) -> dict:
               "dtypes": args.dtypes, "repeat": args.repeat, "notes": knn_report.NOTES,
               "runs": {}}
     for dtype in args.dtypes:
-        record["runs"][dtype] = run_dtype(inp, dtype, args, exact)
+        def partial(results, dtype=dtype):
+            knn_report.write_json({**record, "runs": {**record["runs"], dtype: results}}, out_path, complete=False)
+        record["runs"][dtype] = run_dtype(inp, dtype, args, exact, progress=partial)
         title = (f"\n== {dtype} input | Q={args.Q} N={args.N} d={args.d} k={args.k} | "
                  f"{device_name} | {args.data} data ==")
         print(knn_report.table(title + _reference_note(record["runs"][dtype]),
                                record["runs"][dtype]), flush=True)
-        if dtype != args.dtypes[-1]:
-            knn_report.write_json(record, out_path, complete=False)
     knn_report.write_json(record, out_path)
     print(f"\nwrote {out_path}")
     return record

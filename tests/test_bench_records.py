@@ -1,0 +1,36 @@
+"""Benchmark records survive a run cut short: bench/knn.py writes what it measured so far
+(marked "complete": false) after every method, and the full record at the end."""
+import json
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench import knn, knn_methods  # noqa: E402
+
+SMALL = ["--Q", "20", "--N", "64", "--d", "48", "--repeat", "1", "--exact-rows", "4", "--threads", "1"]
+
+
+def test_a_finished_run_is_complete(tmp_path):
+    out = tmp_path / "knn.json"
+    knn.main([*SMALL, "--methods", "diffmem,cdist_topk", "--dtype", "uint8", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["complete"] is True and set(record["runs"]["uint8"]) == {"diffmem", "cdist_topk"}
+    assert record["runs"]["uint8"]["cdist_topk"]["vs_diffmem"]["reference"] == "diffmem"
+
+
+def test_an_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
+    def interrupted(inp, dtype):
+        raise KeyboardInterrupt  # the device's time limit, say
+
+    monkeypatch.setitem(knn_methods.BUILDERS, "cdist_topk", interrupted)
+    out = tmp_path / "knn.json"
+    with pytest.raises(KeyboardInterrupt):
+        knn.main([*SMALL, "--methods", "diffmem,bare_gemm_int8,cdist_topk", "--dtype", "uint8", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["complete"] is False
+    runs = record["runs"]["uint8"]
+    assert set(runs) == {"diffmem", "bare_gemm_int8"}
+    assert runs["diffmem"]["ratio_vs_diffmem"] == 1.0 and runs["diffmem"]["median_s"] > 0
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left beside it
