@@ -11,6 +11,7 @@ registered from Python); without the extension that case skips.
 Every test skips without a GPU.
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -39,11 +40,14 @@ def _cuda_kernel_compiled() -> bool:
 
 @pytest.fixture(params=["default", "native-cuda"])
 def cuda_path(request, monkeypatch):
-    """'default': the dispatch as shipped; 'native-cuda': the native CUDA kernel forced on."""
+    """'default': the dispatch as shipped; 'native-cuda': the native CUDA kernel forced on,
+    its stages eager (test_compiled_stages_equal_eager_on_cuda checks the compiled ones once,
+    so Triton's compile time stays out of every other test)."""
     if request.param == "native-cuda":
         if not _cuda_kernel_compiled():
             pytest.skip("no native CUDA kernel of diffmem::optimal_denoise is compiled in")
         monkeypatch.setenv("DIFFMEM_CUDA_OPTIMAL", "1")
+        monkeypatch.setenv("DIFFMEM_OPTIMAL_COMPILE", "0")
     else:
         monkeypatch.delenv("DIFFMEM_CUDA_OPTIMAL", raising=False)
     return request.param
@@ -251,6 +255,33 @@ def test_tensor_core_products_within_the_error_model(kind, coherent):
           f"/ bound {vs_bound:.3g}")
     assert vs_bound <= 1.0
     assert vs_estimate <= 1.0, f"the error estimate is exceeded by {vs_estimate:.2f}x on {torch.cuda.get_device_name()}"
+
+
+def test_compiled_stages_equal_eager_on_cuda(monkeypatch):
+    """The kernel's stages as torch.compile fuses them on CUDA (the default there) compute
+    what the eager ones do, over the sigmas where different tiers and the active-row
+    weighted sum take part, for uint8 and float32 rows."""
+    from diffmem import optimal_stream as stream
+
+    if not _cuda_kernel_compiled():
+        pytest.skip("the extension (which declares the op) is not loaded")
+    monkeypatch.setattr(stream, "chunk_rows", lambda B, N, d: 100)  # several chunks
+    # a compiler failure would fall back to eager with a warning: here that is a failure
+    warnings.filterwarnings("error", message="diffmem.optimal_stream: torch.compile")
+    for kind in ("uint8", "float32"):
+        train, gen = training_set(kind, N=400)
+        y = as_rows64(train)
+        train = train.to(DEVICE)
+        for sigma in (0.002, 0.3, 3.0, 80.0):
+            x = query_cases(y, gen, sigma).to(DEVICE)
+            sig = torch.full((x.shape[0],), sigma, dtype=torch.float64, device=DEVICE)
+            m = torch.ones_like(sig)
+            monkeypatch.setenv("DIFFMEM_OPTIMAL_COMPILE", "0")
+            D_eager, lse_eager = stream.optimal_denoise(x, train, sig, m)
+            monkeypatch.setenv("DIFFMEM_OPTIMAL_COMPILE", "1")
+            D, lse = stream.optimal_denoise(x, train, sig, m)
+            assert rel_err(D.cpu(), D_eager.cpu().double()) <= 1e-6, f"{kind} sigma={sigma}"
+            assert ((lse - lse_eager).abs().max() <= 1e-9 * lse_eager.abs().max() + 1e-9), f"{kind} sigma={sigma}"
 
 
 def _separated_images(N=12, seed=3):
