@@ -18,8 +18,7 @@
 #   test_knn      pytest tests/test_knn_cuda.py -q                               (cap  90 s)
 #   bench_knn     python bench/knn.py --device cuda --dtype uint8 --methods
 #                 diffmem,bare_gemm_int8,cdist_topk with DIFFMEM_CUDA_KNN=1 (the CUDA
-#                 kernel); only when test_knn passed (the PyTorch path computes in float64,
-#                 about 45 s a call at this size)                               (cap 150 s)
+#                 kernel) when test_knn passed, else the default dispatch        (cap 150 s)
 #   bench_train   python bench/train_throughput.py --device cuda --compile-limit 60 (cap 200 s)
 #   test_optimal  pytest tests/test_optimal_cuda.py -q: the default dispatch and the
 #                 op's CUDA kernel (tensor-core streaming, diffmem/optimal_stream.py;
@@ -27,6 +26,8 @@
 #   bench_optimal DIFFMEM_CUDA_OPTIMAL=1 python bench/optimal.py --device cuda --data random
 #                 --floors float16 --sigmas 0.002,1,5,80 --repeat 3 (CIFAR-10's 50,000 rows
 #                 do not travel with the tree; random rows, and the record says so) (cap 150 s)
+#   tuning        python bench/gpu_tuning.py --device cuda: kNN tiles (when test_knn passed)
+#                 and optimal chunk sizes against their floors, for the defaults   (cap  90 s)
 # Each step runs under `timeout` with min(its cap, the time left of BUDGET_S); one that
 # fails or times out does not stop the others; a step is skipped when less than 15 s are
 # left. Benchmarks write partial JSON records as they go ("complete": false).
@@ -186,28 +187,29 @@ else
 fi
 run_step import 30 "$PYTHON" "$WORK/import_check.py"
 run_step test_knn 90 "$PYTHON" -m pytest tests/test_knn_cuda.py -q -rs -p no:cacheprovider --durations=10
-# the kNN bench measures the native CUDA kernel once its tests passed; the PyTorch path
-# (float64 GEMMs) would take the whole budget at this size
+# the kNN bench measures the native CUDA kernel once its tests passed, else the default
+# dispatch (the PyTorch path: float64 GEMMs)
 CUDA_KNN="${GPU_CHECK_CUDA_KNN:-}"
-if [ -z "$CUDA_KNN" ] && [ "${RC[test_knn]:-x}" = 0 ]; then CUDA_KNN=1; fi
-if [ -n "$CUDA_KNN" ]; then
-    echo "(bench_knn runs with DIFFMEM_CUDA_KNN=$CUDA_KNN)" >>"$SUMMARY"
-    run_step bench_knn 150 env DIFFMEM_CUDA_KNN="$CUDA_KNN" "$PYTHON" bench/knn.py --device cuda --dtype uint8 \
-        --methods diffmem,bare_gemm_int8,cdist_topk
-else
-    RC[bench_knn]=skipped
-    printf '%-14s %5s %7s  %s\n' bench_knn - 0 "skipped: test_knn did not pass" >>"$SUMMARY"
+if [ -z "$CUDA_KNN" ]; then
+    if [ "${RC[test_knn]:-x}" = 0 ]; then CUDA_KNN=1; else CUDA_KNN=0; fi
 fi
+echo "(bench_knn runs with DIFFMEM_CUDA_KNN=$CUDA_KNN)" >>"$SUMMARY"
+run_step bench_knn 150 env DIFFMEM_CUDA_KNN="$CUDA_KNN" "$PYTHON" bench/knn.py --device cuda --dtype uint8 \
+    --methods diffmem,bare_gemm_int8,cdist_topk
 run_step bench_train 200 "$PYTHON" bench/train_throughput.py --device cuda --compile-limit 60
 run_step test_optimal 150 "$PYTHON" -m pytest tests/test_optimal_cuda.py -q -rs -p no:cacheprovider --durations=10
 echo "(bench_optimal runs with DIFFMEM_CUDA_OPTIMAL=${GPU_CHECK_CUDA_OPTIMAL:-1})" >>"$SUMMARY"
 run_step bench_optimal 150 env DIFFMEM_CUDA_OPTIMAL="${GPU_CHECK_CUDA_OPTIMAL:-1}" "$PYTHON" bench/optimal.py \
     --device cuda --data random --floors float16 --sigmas 0.002,1,5,80 --repeat 3
+# tile and chunk sizes of both kernels against their floors (the kNN part needs its tests passed)
+TUNE_PARTS=optimal
+[ "$CUDA_KNN" = 1 ] && TUNE_PARTS=knn,optimal
+run_step tuning 90 "$PYTHON" bench/gpu_tuning.py --device cuda --parts "$TUNE_PARTS"
 
 # ---- collect ---------------------------------------------------------------------------
 {
     echo "total $(($(date +%s) - START)) s"
-    for step in bench_knn bench_train bench_optimal; do
+    for step in bench_knn bench_train bench_optimal tuning; do
         [ -f "$LOGS/$step.log" ] || continue
         echo
         echo "---- $step: last lines ----"

@@ -34,3 +34,18 @@ def test_an_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
     assert set(runs) == {"diffmem", "bare_gemm_int8"}
     assert runs["diffmem"]["ratio_vs_diffmem"] == 1.0 and runs["diffmem"]["median_s"] > 0
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left beside it
+
+
+def test_the_tuning_script_runs_and_records_both_parts(tmp_path, monkeypatch):
+    from bench import gpu_tuning
+
+    for flag in ("DIFFMEM_CUDA_KNN", "DIFFMEM_CUDA_OPTIMAL"):  # the script sets them; undone after
+        monkeypatch.setenv(flag, "1")
+
+    out = tmp_path / "tuning.json"
+    assert gpu_tuning.main(["--device", "cpu", "--small", "--repeat", "1", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["complete"] is True
+    assert all(r["same_answer"] for r in record["knn"]["runs"])
+    assert {r["chunk_rows"] for r in record["optimal"]["runs"]} == set(gpu_tuning.SMALL["chunks"])
+    assert gpu_tuning.main(["--device", "cpu", "--small", "--parts", "bogus", "--json", str(out)]) == 2
