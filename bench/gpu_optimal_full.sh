@@ -19,13 +19,13 @@
 #   tests  pytest tests/test_optimal_cuda.py (the CUDA kernel forced on in its cases)
 #   bench  DIFFMEM_CUDA_OPTIMAL=1 bench/optimal.py --device cuda (B=512, N=50,000, random rows,
 #          4 sigmas, the float16 floor; as gpu_check.sh's bench_optimal)
-#   full   joins and verifies the parts, samples SAMPLES images (default 1,024, seeds 0..1023,
+#   full   joins and verifies the parts, samples SAMPLES images (default 10,000, seeds 0..9999,
 #          Heun 18 steps, batch 512) with the CUDA kernel (float32 queries) and scores them
 #          against all 50,000 training images
 # Records in $OUT: optimal-*.json (bench), optimal-memorization-<gpu>-50k.{json,png} (full);
 # copy them into bench/results/.
 #
-# Knobs: SAMPLES (1024), RUN_LIMIT_S (480, the stage's own timeout), PYTHON (python3).
+# Knobs: SAMPLES (10000), RUN_LIMIT_S (480, the stage's own timeout), PYTHON (python3).
 
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -70,8 +70,8 @@ if [ ! -f "$DATA" ]; then
     exit 0
 fi
 GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))" 2>/dev/null || echo unknown-gpu)
-echo "=== optimal denoiser on all of CIFAR-10, ${SAMPLES:-1024} samples, $GPU"
+echo "=== optimal denoiser on all of CIFAR-10, ${SAMPLES:-10000} samples, $GPU"
 DIFFMEM_CUDA_OPTIMAL=1 timeout -k 10 "$LIMIT" "$PYTHON" bench/optimal_memorization.py \
-    --device cuda --precision float32 --data "$DATA" --size 50000 --samples "${SAMPLES:-1024}" \
+    --device cuda --precision float32 --data "$DATA" --size 50000 --samples "${SAMPLES:-10000}" \
     --sample-batch 512 --tikhonov 0 --held-out "" --json "$OUT/optimal-memorization-$GPU-50k.json"
 echo "exit code $?"

@@ -105,9 +105,9 @@ SLOW_CALL_S = 5.0  # a method whose warm-up call takes longer gets one timed cal
 
 def time_calls(run, repeat: int, sync, slow_s: float = SLOW_CALL_S) -> tuple[tuple, list[float]]:
     """One warm-up call (lazy init, caches, allocator), then `repeat` timed calls; only one
-    when the warm-up took over `slow_s` (slow baselines on a GPU: 45 s a call for a float32
-    cdist at Q=10,000, N=50,000; the spread of such long calls is small, the device time
-    is not). The record keeps every time, so the number of samples shows."""
+    when the warm-up took over `slow_s` (a slow baseline at a large size: the spread of such
+    long calls is small, the machine time is not). The record keeps every time, so the
+    number of samples shows."""
     sync()
     t0 = time.perf_counter()
     out = run()

@@ -4,7 +4,7 @@ stops it, at a cost in distance to the data.
     python bench/optimal_memorization.py                              # CPU: |D| = 1,000, 1,000 samples, minutes
     python bench/optimal_memorization.py --samples 10000              # the papers' sample count
     DIFFMEM_CUDA_OPTIMAL=1 python bench/optimal_memorization.py --device cuda --precision float32 \
-        --size 50000 --samples 1024 --tikhonov 0          # all of CIFAR-10 (bench/gpu_optimal_full.sh)
+        --size 50000 --samples 10000 --tikhonov 0         # all of CIFAR-10 (bench/gpu_optimal_full.sh)
 
 Every setting is one `diffmem sample` run (diffmem.cli.sample: EDM Heun, 18 steps, seeds
 0..N-1, no labels; its run directory goes under --workdir), scored by Gu et al.'s criterion
