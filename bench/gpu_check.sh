@@ -50,11 +50,7 @@
 set -u
 set +e
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT" || exit 1
-OUT="${OUT:-$ROOT/gpu-out}"
-mkdir -p "$OUT"
-PYTHON="${PYTHON:-python3}"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 BUDGET_S="${BUDGET_S:-560}"
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
@@ -65,8 +61,6 @@ SUMMARY="$WORK/summary.txt"
 LOG="$WORK/gpu_check.log"
 MARKER="$WORK/start-marker"
 touch "$MARKER"
-export PYTHONUNBUFFERED=1
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the tree's diffmem, also if pip -e failed
 declare -A RC
 
 {

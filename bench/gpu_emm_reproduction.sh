@@ -17,17 +17,12 @@
 # Knobs: LIMIT_S (540), JOBS (4), PYTHON (python3).
 
 set -u
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT" || exit 1
-OUT="${OUT:-$ROOT/gpu-out}"
-mkdir -p "$OUT"
-PYTHON="${PYTHON:-python3}"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 DATA="$ROOT/carry/cifar10-train-5000.npz"
 SWEEP="$ROOT/runs/reproduction-gpu"
 MARKER="$(mktemp)"  # records newer than this are this run's: bench/results/emm-reproduction-<gpu>.{json,png}
 
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || echo "nvidia-smi: not available"
+gpu_line
 [ -f "$DATA" ] || { echo "no $DATA: carry it (see the header)"; exit 1; }
 # SIGTERM first: the sweep checkpoints its running jobs, so a rerun resumes them.
 timeout -k 30 "${LIMIT_S:-540}" "$PYTHON" bench/emm_reproduction.py --scale gpu --devices 0 --jobs "${JOBS:-4}" \

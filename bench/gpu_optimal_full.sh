@@ -28,15 +28,10 @@
 # Knobs: SAMPLES (10000), RUN_LIMIT_S (480, the stage's own timeout), PYTHON (python3).
 
 set -u
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT" || exit 1
-OUT="${OUT:-$ROOT/gpu-out}"
-mkdir -p "$OUT"
-PYTHON="${PYTHON:-python3}"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 exec > >(tee -a "$OUT/gpu_optimal_full.log") 2>&1
 
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || echo "nvidia-smi: not available"
+gpu_line
 "$PYTHON" bench/carry_data.py gather || exit 1
 
 if ! "$PYTHON" -c "import diffmem._C" 2>/dev/null; then
