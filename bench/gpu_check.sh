@@ -19,7 +19,7 @@
 #   bench_knn     python bench/knn.py --device cuda --dtype uint8 --methods
 #                 diffmem,bare_gemm_int8,cdist_topk with DIFFMEM_CUDA_KNN=1 (the CUDA
 #                 kernel) when test_knn passed, else the default dispatch        (cap 150 s)
-#   bench_train   python bench/train_throughput.py --device cuda --compile-limit 60 (cap 200 s)
+#   bench_train   python bench/train_throughput.py --device cuda --compile-limit 90 (cap 240 s)
 #   test_optimal  pytest tests/test_optimal_cuda.py -q: the default dispatch and the
 #                 op's CUDA kernel (tensor-core streaming, diffmem/optimal_stream.py;
 #                 torch.compile of its stages on first use)                     (cap 150 s)
@@ -190,7 +190,7 @@ fi
 echo "(bench_knn runs with DIFFMEM_CUDA_KNN=$CUDA_KNN)" >>"$SUMMARY"
 run_step bench_knn 150 env DIFFMEM_CUDA_KNN="$CUDA_KNN" "$PYTHON" bench/knn.py --device cuda --dtype uint8 \
     --methods diffmem,bare_gemm_int8,cdist_topk
-run_step bench_train 200 "$PYTHON" bench/train_throughput.py --device cuda --compile-limit 60
+run_step bench_train 240 "$PYTHON" bench/train_throughput.py --device cuda --compile-limit 90
 run_step test_optimal 150 "$PYTHON" -m pytest tests/test_optimal_cuda.py -q -rs -p no:cacheprovider --durations=10
 echo "(bench_optimal runs with DIFFMEM_CUDA_OPTIMAL=${GPU_CHECK_CUDA_OPTIMAL:-1})" >>"$SUMMARY"
 run_step bench_optimal 150 env DIFFMEM_CUDA_OPTIMAL="${GPU_CHECK_CUDA_OPTIMAL:-1}" "$PYTHON" bench/optimal.py \
