@@ -371,6 +371,8 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
     # 3 a float64 GEMM. A chunk with too many inexact items moves up; later chunks start at
     # the tier the last one needed (sigma, not the chunk, decides it), or at one term once a
     # chunk had few items that matter at all.
+    small = {}  # chunk start -> its small products at tier 1, until the chunk is done
+
     def expansion(n0: int, best_so_far: torch.Tensor, tier: int):
         """Chunk n0's product rows, label mask and logits at `tier` (queued, no host sync)."""
         n1 = min(N, n0 + step)
@@ -388,9 +390,12 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
             t64 = xd @ rows.as_float64(n0, n1).T
             return logits_stage(t64, one, *common, rows.yn[n0:n1], m, inv, one, zero, best_so_far, excluded,
                                 U64, 0.0, d)
-        t = small_products(x_hi, x_lo, hi, lo)  # scaled by s
+        t = small.pop(n0, None)  # kept from tier 1 where the chunk moves up from there
+        if t is None:
+            t = small_products(x_hi, x_lo, hi, lo)  # scaled by s
         if tier == 1:
-            t = mm_f16_f32(x_hi, hi.T, t)  # s x . p, float32 accumulation
+            small[n0] = t
+            t = mm_f16_f32(x_hi, hi.T, t)  # s x . p, float32 accumulation (a new tensor)
             return logits_stage(t, s_t, *common, rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,
                                 U32, SPLIT, d)
         xb, xb_sq = x_blocks()
@@ -428,6 +433,7 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
         run_max, w, run_sum, acc = weights_stage(rel, ref, run_max, run_sum, acc)
         if n_kept:  # else every weight is zero: nothing to add
             acc = weighted_sum(acc, w, hi, lo, n_kept)
+        small.pop(n0, None)
         pending = following
 
     if not bool((run_sum > 0).all()):
