@@ -65,6 +65,7 @@ def knn_tiles(sizes: dict, device: str, repeat: int, seed: int, log) -> dict:
 
 
 def optimal_chunks(sizes: dict, device: str, repeat: int, seed: int, log) -> dict:
+    from bench.optimal import methods
     from diffmem import optimal, optimal_stream
 
     gen = torch.Generator().manual_seed(seed)
@@ -72,14 +73,8 @@ def optimal_chunks(sizes: dict, device: str, repeat: int, seed: int, log) -> dic
     train = torch.randint(0, 256, (N, d), generator=gen, dtype=torch.uint8).to(device)
     y = train[:B].double() / 127.5 - 1
     sync = sync_for(device)
-    x16 = torch.randn(B, d, generator=gen).half().to(device)
-    w16 = torch.rand(B, N, generator=gen).half().to(device)
-    p16 = train.half()
-
-    def floor_run():
-        optimal_stream.mm_f16_f32(x16, p16.T)
-        return optimal_stream.mm_f16_f32(w16, p16)
-
+    x0 = y.float().to(device)
+    floor_run = methods(x0, train, train.float() / 127.5 - 1, 1.0, floors={"floor": torch.float16})["floor"]
     floor = median_time(floor_run, repeat, sync)
     default_rows = optimal_stream.chunk_rows
     rows = []

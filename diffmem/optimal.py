@@ -165,7 +165,7 @@ def _participants(labels, train_labels, k, N, device):
         n = counts[labels - train_labels.min()]
     if k:
         n = torch.clamp(n, max=k)
-    return n.to(device)
+    return n  # labels and train_labels are on the queries' device (_labels)
 
 
 # ---- input checks --------------------------------------------------------------------------

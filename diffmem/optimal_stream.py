@@ -63,7 +63,7 @@ FUSED_PAIR_BATCH = 1 << 18
 # would need direct differences: from one float16 term to two (one more GEMM), from two to
 # the blocked products (about 2.5 float16 GEMMs' worth), from those to the float64 GEMM
 # (about 13); modelled H100 costs, with direct differences at a few ns per pair.
-ESCALATE = (1 / 96, 1 / 64, 1 / 16)  # from one float16 term (one more GEMM), from two, from blocks
+ESCALATE = (1 / 96, 1 / 64, 1 / 16)
 # The first chunks take two float16 terms; once a chunk has few items that matter (under
 # half of ESCALATE[0]: small sigma), the later ones start from one term.
 FIRST_TIER = 1

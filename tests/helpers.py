@@ -23,3 +23,21 @@ def shared_data(name: str) -> pathlib.Path:
     if not path.exists():
         pytest.skip(f"{path} not present (real data lives in ../shared/data)")
     return path
+
+
+def matmul_precision_state():
+    """The float32 matmul precision as both of torch's APIs see it: the per-backend CUDA and
+    CPU (mkldnn) settings and the legacy one ("mixed" where torch >= 2.9 refuses to say,
+    once the two APIs were mixed)."""
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        legacy = "mixed"
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision, legacy
+
+
+def reset_matmul_precision():
+    """Back to the state torch starts in: ("none", "none", "highest")."""
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    torch.backends.mkldnn.matmul.fp32_precision = "none"

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import brute_force_topk
+from helpers import brute_force_topk, matmul_precision_state, reset_matmul_precision
 
 import diffmem
 from diffmem import knn
@@ -98,14 +98,6 @@ def test_float_random(backend, dtype, Q, N, d, k):
     _assert_float_matches(x, y, k)
 
 
-def _matmul_precision_state():
-    try:
-        legacy = torch.get_float32_matmul_precision()
-    except RuntimeError:  # torch >= 2.9 raises once the legacy and per-backend APIs are mixed
-        legacy = "mixed"
-    return torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision, legacy
-
-
 REDUCED_PRECISION_SETTINGS = {
     "legacy-high": lambda: torch.set_float32_matmul_precision("high"),
     "legacy-medium": lambda: torch.set_float32_matmul_precision("medium"),  # bf16 on the CPU
@@ -119,19 +111,17 @@ def reduced_matmul_precision(request):
     """A user's reduced float32 matmul precision, set with either API; the default after."""
     REDUCED_PRECISION_SETTINGS[request.param]()
     yield request.param
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.fp32_precision = "none"
-    torch.backends.mkldnn.matmul.fp32_precision = "none"
-    assert _matmul_precision_state() == ("none", "none", "highest")
+    reset_matmul_precision()
+    assert matmul_precision_state() == ("none", "none", "highest")
 
 
 def test_float_exact_whatever_matmul_precision_the_user_set(backend, reduced_matmul_precision):
     """Exact under TF32/bf16 settings made with the legacy or the per-backend API (the
     legacy getter raises for the latter), and the user's setting is left as it was."""
-    before = _matmul_precision_state()
+    before = matmul_precision_state()
     x, y = _near_duplicates(torch.Generator().manual_seed(5), torch.float32, Q=24, N=300, d=200)
     _assert_float_matches(x, y, 3)
-    assert _matmul_precision_state() == before
+    assert matmul_precision_state() == before
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

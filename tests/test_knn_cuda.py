@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import matmul_precision_state, reset_matmul_precision
 
 if not torch.cuda.is_available():
     pytest.skip("CUDA is not available", allow_module_level=True)
@@ -279,14 +280,6 @@ def test_tf32_setting_is_restored():
             torch.backends.cuda.matmul.allow_tf32 = prev
 
 
-def _matmul_precision_state():
-    try:
-        legacy = torch.get_float32_matmul_precision()
-    except RuntimeError:  # torch >= 2.9: the legacy and per-backend APIs were mixed
-        legacy = "mixed"
-    return torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision, legacy
-
-
 @pytest.mark.parametrize("mode", ["default", "high", "medium", "per-backend-tf32"])
 def test_matmul_precision_untouched(mode):
     """The float path runs without TF32 and leaves the user's setting, made with either
@@ -296,14 +289,12 @@ def test_matmul_precision_untouched(mode):
             torch.set_float32_matmul_precision(mode)
         elif mode == "per-backend-tf32":
             torch.backends.cuda.matmul.fp32_precision = "tf32"
-        before = _matmul_precision_state()
+        before = matmul_precision_state()
         gen = torch.Generator().manual_seed(2)
         check(make(torch.float32, (20, 9), gen), make(torch.float32, (100, 9), gen), 3)
-        assert _matmul_precision_state() == before
+        assert matmul_precision_state() == before
     finally:
-        torch.set_float32_matmul_precision("highest")
-        torch.backends.cuda.matmul.fp32_precision = "none"
-        torch.backends.mkldnn.matmul.fp32_precision = "none"
+        reset_matmul_precision()
 
 
 def test_float32_verified_by_the_bound_with_tf32_on():
@@ -316,9 +307,7 @@ def test_float32_verified_by_the_bound_with_tf32_on():
             gen = torch.Generator().manual_seed(4)
             check(make(torch.float32, (300, 64), gen), make(torch.float32, (2000, 64), gen), 2)
         finally:
-            torch.set_float32_matmul_precision("highest")
-            torch.backends.cuda.matmul.fp32_precision = "none"
-            torch.backends.mkldnn.matmul.fp32_precision = "none"
+            reset_matmul_precision()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
