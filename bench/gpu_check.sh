@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One-command GPU check for an H100/H200 session: build, CUDA tests, benchmarks.
 #
-#     run(command="bash bench/gpu_check.sh", timeout_s=600)    # the device tool; BUDGET_S=560 inside
+#     run(command="bash bench/gpu_check.sh", carry=["carry/prebuilt"], timeout_s=600)  # BUDGET_S=560 inside
+#
+# carry/prebuilt: the extension built here for the machine's torch (bench/prebuilt.py pack);
+# without it, or where it does not fit, the build step compiles there.
 #
 # A drawn task has 15 minutes of device time in all (the machine's start, 1-2 min,
 # included), so the steps are ordered by what they can settle: issue 2 (kNN) first, then
@@ -9,7 +12,9 @@
 # 50,000-image session, bench/gpu_optimal_full.sh, so it is last here). Estimated times are
 # guesses until a first run; the caps bound them:
 #   info          nvidia-smi, python, torch, nvcc                               (cap  20 s)
-#   build         MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation
+#   build         the carried carry/prebuilt build where it fits (bench/prebuilt.py install:
+#                 same torch, same sources, loads with CUDA), else
+#                 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation
 #                 --no-deps --no-index -e .  against the machine's torch (2.11 there); if pip
 #                 fails fast (not a compile error), python setup.py build_ext --inplace; if
 #                 the CUDA build fails, a CPU-only build, so the Python-registered optimal
@@ -152,6 +157,12 @@ echo "cores: $(nproc)"
 exit 0
 SHEOF
 cat >"$WORK/build.sh" <<'SHEOF'
+# a build carried from here (bench/prebuilt.py pack; carry=[..., "carry/prebuilt"]) saves the
+# compile when it was made for this torch from these sources and loads here
+if [ -f carry/prebuilt/stamp.json ]; then
+    "$PYTHON" bench/prebuilt.py install && { echo "prebuilt extension in use: no build"; exit 0; }
+    echo "prebuilt extension not usable here: building"
+fi
 t0=$(date +%s)
 export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
 DIFFMEM_BUILD_CUDA=1 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index \

@@ -34,6 +34,9 @@ exec > >(tee -a "$OUT/gpu_optimal_full.log") 2>&1
 gpu_line
 "$PYTHON" bench/carry_data.py gather || exit 1
 
+if ! "$PYTHON" -c "import diffmem._C" 2>/dev/null && [ -f carry/prebuilt/stamp.json ]; then
+    "$PYTHON" bench/prebuilt.py install  # a carried build (bench/prebuilt.py), where it fits
+fi
 if ! "$PYTHON" -c "import diffmem._C" 2>/dev/null; then
     echo "=== build (CPU kernels; the optimal denoiser's CUDA kernel needs none)"
     MAX_JOBS=16 DIFFMEM_BUILD_CUDA=0 timeout 240 "$PYTHON" setup.py build_ext --inplace >"$OUT/build.log" 2>&1 \

@@ -424,11 +424,16 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
         else:
             tier = max(tier, chunk_tier, 1)
         if n_inexact:
-            q, n = inexact.nonzero(as_tuple=True)
+            q, n = inexact.nonzero().unbind(1)
             chunk = train[n0:n1]
             for b in range(0, q.shape[0], pair_batch):
                 qb, nb_ = q[b : b + pair_batch], n[b : b + pair_batch]
-                rel[qb, nb_] = pairs_stage(x, chunk, qb, nb_, m, inv) - ref[qb, 0]
+                # fresh index tensors (repeat copies) of two entries or more: the compiled
+                # stage guards on its inputs' view bases, offsets and sizes 0 and 1, and
+                # would compile a graph for each variant
+                reps = 2 if qb.shape[0] == 1 else 1
+                pairs = pairs_stage(x, chunk, qb.repeat(reps), nb_.repeat(reps), m, inv)
+                rel[qb, nb_] = pairs[: qb.shape[0]] - ref[qb, 0]
 
         run_max, w, run_sum, acc = weights_stage(rel, ref, run_max, run_sum, acc)
         if n_kept:  # else every weight is zero: nothing to add

@@ -233,6 +233,36 @@ def test_compiled_stages_equal_eager(monkeypatch, tiers):
         assert (lse - lse_eager).abs().max() <= 1e-9 * lse_eager.abs().max() + 1e-9, f"sigma={sigma}"
 
 
+def test_compiled_stages_do_not_recompile_per_batch_or_training_set(monkeypatch):
+    """Each graph torch.compile builds is a Triton compile of seconds on the GPU, and past
+    Dynamo's recompile limit a stage silently runs eagerly: a sampler's sweep over sigma
+    compiles a few graphs (the precision tiers), and other batch and training-set sizes
+    none."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("DIFFMEM_OPTIMAL_COMPILE", "1")
+    monkeypatch.setattr(stream, "_COMPILED", None)
+    monkeypatch.setattr(stream, "chunk_rows", lambda B, N, d: 400)  # several chunks, and a tail
+    monkeypatch.setattr(stream, "FUSED_PAIR_BATCH", 3)  # pair batches of 3, 2 and 1, at offsets
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    train = torch.randint(0, 256, (1500, 96), dtype=torch.uint8, generator=gen)
+    rows = as_rows64(train).float()
+
+    def sweep(B, N):
+        before = counters["stats"]["unique_graphs"]
+        for sigma in (80.0, 5.0, 1.0, 0.3, 0.05, 0.002):
+            pick = torch.randint(0, N, (B,), generator=gen)
+            x = rows[pick] + sigma * torch.randn(B, 96, generator=gen)
+            run(x, train[:N], sigma)
+        return counters["stats"]["unique_graphs"] - before
+
+    first = sweep(8, 1500)
+    assert 1 <= first <= 6, f"{first} graphs for one sweep over sigma"  # 5: a graph per stage, two of chunk_logits
+    assert sweep(13, 1300) == 0, "a new batch or training-set size recompiled a stage"
+    assert sweep(5, 900) == 0, "a new batch or training-set size recompiled a stage"
+
+
 def test_registered_as_the_ops_cuda_kernel():
     if not diffmem._native.AVAILABLE:
         pytest.fail(f"native extension failed to load: {diffmem._native.LOAD_ERROR}")
