@@ -13,6 +13,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 import numpy as np
 import torch
 
-from bench import contention, knn_check, knn_data, knn_methods, knn_report, machine
+from bench import contention, cpu_peak, knn_check, knn_data, knn_methods, knn_report, machine
 
 DEFAULT_SIZES = {"cpu": dict(Q=2000, N=10000, d=3072), "cuda": dict(Q=10000, N=50000, d=3072)}
 DEFAULT_METHODS = "diffmem,faiss_flat_l2,cdist_topk,cdist_topk_compiled,bare_gemm"
@@ -223,6 +224,22 @@ def environment(args, device_name: str) -> dict:
     }
 
 
+def _cpu_peak(args) -> dict | None:
+    """The CPU's measured float32 multiply-add peak at the benchmark's thread count, the
+    bound to read the GMAC/s column against (bench/cpu_peak.py); None on CUDA."""
+    if args.device != "cpu":
+        return None
+    threads = torch.get_num_threads()  # set from --threads by now
+    try:
+        peak = cpu_peak.measure(threads, avx512=machine.has_avx512())
+    except (RuntimeError, OSError, subprocess.CalledProcessError, ValueError) as exc:
+        print(f"(no CPU peak: {exc})")
+        return {"error": str(exc)}
+    gmacs = peak[f"gmacs_{threads}t"]
+    print(f"CPU float32 FMA peak: {gmacs:.1f} GMAC/s ({peak['lanes']} lanes, bench/cpu_peak.py)")
+    return {**peak, "gmacs": gmacs}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -241,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     exact = (knn_check.ExactSample(queries, refs, args.k, args.exact_rows, args.seed)
              if args.exact_rows > 0 else None)
 
-    record = {**env, "data": data_info,
+    record = {**env, "data": data_info, "cpu_fma_peak": _cpu_peak(args),
               "shapes": {"Q": args.Q, "N": args.N, "d": args.d}, "k": args.k,
               "dtypes": args.dtypes, "repeat": args.repeat, "notes": knn_report.NOTES,
               "runs": {}}

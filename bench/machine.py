@@ -33,6 +33,15 @@ def cpu_model() -> str:
     return name
 
 
+def has_avx512() -> bool:
+    """Whether the CPU has AVX-512F (from /proc/cpuinfo; False where that is missing)."""
+    try:
+        return any(line.startswith("flags") and " avx512f" in line
+                   for line in Path("/proc/cpuinfo").read_text().splitlines())
+    except OSError:
+        return False
+
+
 def device_name(device: str, threads: int | None) -> str:
     """Human-readable device; the CPU thread count is part of it because it sets the speed."""
     if device == "cuda":

@@ -1,17 +1,32 @@
+import pathlib
+
 import pytest
 
 import diffmem
 
 
-@pytest.fixture(params=["native", "native-generic", "reference"])
+def _cpu_flags() -> set[str]:
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.fixture(params=["native", "native-generic", "native-avx2", "reference"])
 def backend(request, monkeypatch):
     """Runs a test through each implementation: the native op with its default CPU
-    kernel, the native op with the portable uint8 kernel, and the PyTorch reference."""
+    kernel, with the portable uint8 kernel, with the AVX2 uint8 kernel (the default where
+    the CPU lacks AVX-512 VNNI), and the PyTorch reference."""
     monkeypatch.delenv("DIFFMEM_CPU_KERNEL", raising=False)
     if request.param.startswith("native") and not diffmem._native.AVAILABLE:
         pytest.fail(f"native extension failed to load: {diffmem._native.LOAD_ERROR}")
     if request.param == "native-generic":
         monkeypatch.setenv("DIFFMEM_CPU_KERNEL", "generic")
+    if request.param == "native-avx2":
+        monkeypatch.setenv("DIFFMEM_CPU_KERNEL", "avx2")
+        if {"avx2", "fma"} <= _cpu_flags():  # else the portable kernel runs: still a valid case
+            assert "uint8:avx2-fma-blocked" in diffmem._native.cpu_kernels()
     if request.param == "reference":
         monkeypatch.setattr(diffmem._native, "use_native", lambda op, device: False)
     return request.param

@@ -18,6 +18,20 @@ def test_a_finished_run_is_complete(tmp_path):
     record = json.loads(out.read_text())
     assert record["complete"] is True and set(record["runs"]["uint8"]) == {"diffmem", "cdist_topk"}
     assert record["runs"]["uint8"]["cdist_topk"]["vs_diffmem"]["reference"] == "diffmem"
+    # the CPU's FMA peak at the run's thread count, the bound its GMAC/s are read against
+    peak = record["cpu_fma_peak"]
+    assert peak["lanes"] in (8, 16) and peak["gmacs"] == peak["gmacs_1t"] > 0
+
+
+def test_the_cpu_peak_grows_with_threads_and_vector_width():
+    """bench/cpu_peak.py measures FMA chains, not a constant: two threads are faster than
+    one (CI has two cores), and the reading is of the order of a core's peak."""
+    from bench import cpu_peak
+
+    peak = cpu_peak.measure(2)
+    assert peak["lanes"] == 8
+    assert 1.0 < peak["gmacs_1t"] < 500.0  # a few GHz x 2 FMA units x 8 lanes is about 50
+    assert peak["gmacs_2t"] > 1.1 * peak["gmacs_1t"]  # best of three: other load only lowers it
 
 
 def test_an_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):

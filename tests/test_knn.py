@@ -53,6 +53,19 @@ def test_uint8_extreme_values_and_duplicates(backend):
     assert idx[1].tolist()[:2] == [20, 41] and idx[2].tolist()[:2] == [20, 41]
 
 
+@pytest.mark.parametrize("d", [65792, 65793])  # the blocked kernels' largest rows, and one more
+def test_uint8_largest_rows_with_extreme_pixels(backend, d):
+    """Rows of 0s and 255s give the largest products (|x - 128| |y - 128| = 2^14) in every
+    feature: the blocked kernels' int32 accumulators and per-slice float32 sums (AVX2) stay
+    exact up to d = 65792; longer rows take the portable kernel."""
+    gen = torch.Generator().manual_seed(d)
+    y = torch.randint(0, 2, (6, d), dtype=torch.uint8, generator=gen) * 255
+    y[0] = 0
+    y[1] = 255
+    x = torch.stack([torch.zeros(d, dtype=torch.uint8), torch.full((d,), 255, dtype=torch.uint8), 255 - y[2]])
+    _assert_exact_u8(x, y, 3)
+
+
 def test_uint8_all_refs_equal(backend):
     """Every distance ties: the k smallest indices must come back."""
     y = torch.full((100, 50), 7, dtype=torch.uint8)

@@ -27,10 +27,11 @@ inline void check_inputs(const at::Tensor& queries, const at::Tensor& refs, int6
 
 std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& queries, const at::Tensor& refs, int64_t k);
 
-// uint8 kernel with AVX-512 VNNI; requires common::has_avx512_vnni() and d <= kVnniMaxDim.
+// uint8 kernel on the blocked register kernels (AVX-512 VNNI, else AVX2 FMA); requires
+// common::use_avx512_vnni() or common::use_avx2_fma(), and d <= kBlockedU8MaxDim.
 // X (Q, d) and Y (N, d) row-major; out_dist/out_idx (Q, k) are filled, sorted, ties by index.
-constexpr int64_t kVnniMaxDim = 65792;  // int32 accumulators of x * (y - 128) stay exact
-void topk_u8_avx512(const uint8_t* X, int64_t Q, const uint8_t* Y, int64_t N, int64_t d, int64_t k,
-                    int64_t* out_dist, int64_t* out_idx);
+constexpr int64_t kBlockedU8MaxDim = 65792;  // int32 accumulators of x * (y - 128) stay exact
+void topk_u8_blocked(const uint8_t* X, int64_t Q, const uint8_t* Y, int64_t N, int64_t d, int64_t k,
+                     int64_t* out_dist, int64_t* out_idx);
 
 }  // namespace diffmem::knn

@@ -44,20 +44,8 @@ void pack_refs(const uint8_t* Y, int64_t N, int64_t d, int64_t groups, int64_t r
   }
 }
 
-// Through a small row-major buffer: rows of the same matrix lie a multiple of 4 KB apart
-// for common d, so reading them feature by feature would thrash one L1 set, while
-// writing them row by row would scatter every write to a new line.
-void pack_refs(const float* Y, int64_t N, int64_t d, int64_t groups, int64_t r0, float* out) {
-  constexpr int64_t F = 64;
-  alignas(64) float tmp[NR][F];
-  std::fill(out, out + groups * NR, 0.0f);
-  const int64_t rows = std::min<int64_t>(NR, N - r0);
-  for (int64_t f0 = 0; f0 < d; f0 += F) {
-    const int64_t fn = std::min<int64_t>(F, d - f0);
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(tmp[r], Y + (r0 + r) * d + f0, static_cast<size_t>(fn) * 4);
-    for (int64_t f = 0; f < fn; ++f)
-      for (int64_t r = 0; r < rows; ++r) out[(f0 + f) * NR + r] = tmp[r][f];
-  }
+void pack_refs(const float* Y, int64_t N, int64_t d, int64_t, int64_t r0, float* out) {
+  pack_rows_transposed(Y, N, d, r0, out, [](float v) { return v; });
 }
 
 void pack_queries(const uint8_t* X, int64_t Q, int64_t d, int64_t groups, int64_t q0, uint8_t* out) {
@@ -140,15 +128,11 @@ __attribute__((target("avx512f"))) void micro_f32(const float* a, const float* b
 
 #undef DIFFMEM_FOR_ROWS
 
-bool available_u8() { return common::has_avx512_vnni(); }
-bool available_f32() { return common::has_avx512f(); }
 
-#else  // not x86-64: never called, the dispatchers check available_*() first
+#else  // not x86-64: never called, the dispatchers check common::use_avx512_*() first
 
 void micro_u8(const uint8_t*, const int8_t*, int64_t, int32_t*, int64_t, bool) {}
 void micro_f32(const float*, const float*, int64_t, float*, int64_t, bool) {}
-bool available_u8() { return false; }
-bool available_f32() { return false; }
 
 #endif
 

@@ -1,7 +1,8 @@
 // CPU implementation of diffmem::knn_topk: exact top-k under l2.
 //
-// uint8: the AVX-512 VNNI fused kernel where the CPU has it, otherwise float32 GEMM tiles
-// over feature blocks small enough that every partial sum stays an exact integer.
+// uint8: the fused blocked kernel (AVX-512 VNNI, or AVX2 FMA on centred floats) where the CPU
+// has one, otherwise float32 GEMM tiles over feature blocks small enough that every partial
+// sum stays an exact integer.
 // float: GEMM-expansion candidates with a rigorous rounding bound, then an exact re-rank
 // by direct differences in float64 (the expansion alone loses the near-duplicates).
 #include <ATen/ATen.h>
@@ -196,20 +197,34 @@ inline bool lower_bounds(const RowBounds& r, const D* dots, int64_t n, double bo
   return any != 0;
 }
 
-// The same loop compiled for AVX-512 (8 doubles a lane group); only called where available.
+// The same loop compiled for AVX-512 and for AVX2 (8 and 4 doubles a vector); each is
+// only called where the CPU has it.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 __attribute__((target("avx512f"))) bool lower_bounds_avx512(const RowBounds& r, const float* dots, int64_t n,
                                                             double bound, double* lo, double* err) {
+  return lower_bounds(r, dots, n, bound, lo, err);
+}
+__attribute__((target("avx2,fma"))) bool lower_bounds_avx2(const RowBounds& r, const float* dots, int64_t n,
+                                                           double bound, double* lo, double* err) {
   return lower_bounds(r, dots, n, bound, lo, err);
 }
 #else
 bool lower_bounds_avx512(const RowBounds& r, const float* dots, int64_t n, double bound, double* lo, double* err) {
   return lower_bounds(r, dots, n, bound, lo, err);
 }
+bool lower_bounds_avx2(const RowBounds& r, const float* dots, int64_t n, double bound, double* lo, double* err) {
+  return lower_bounds(r, dots, n, bound, lo, err);
+}
 #endif
+// Dot products from the BLAS (float32 or float64) and any CPU: the plain loop.
 template <typename D>
-bool lower_bounds_avx512(const RowBounds& r, const D* dots, int64_t n, double bound, double* lo, double* err) {
-  return lower_bounds(r, dots, n, bound, lo, err);  // float64 products: the BLAS path
+bool lower_bounds_simd(const RowBounds& r, const D* dots, int64_t n, double bound, double* lo, double* err) {
+  return lower_bounds(r, dots, n, bound, lo, err);
+}
+bool lower_bounds_simd(const RowBounds& r, const float* dots, int64_t n, double bound, double* lo, double* err) {
+  if (common::use_avx512f()) return lower_bounds_avx512(r, dots, n, bound, lo, err);
+  if (common::use_avx2_fma()) return lower_bounds_avx2(r, dots, n, bound, lo, err);
+  return lower_bounds(r, dots, n, bound, lo, err);
 }
 
 // Whether float32 BLAS GEMMs run in full float32. Since torch 2.9 the legacy query throws
@@ -226,8 +241,9 @@ template <typename T>
 void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out_dist, int64_t* out_idx) {
   const int64_t Q = X.size(0), N = Y.size(0), d = X.size(1);
   // float32 products come from the fused AVX-512 kernel where the CPU has it, else from the
-  // BLAS; a BLAS float32 GEMM may run in reduced precision (TF32/bf16) when the user allowed
-  // it, and then we take it in float64 so the bound below holds.
+  // BLAS (on AVX2 CPUs a fused AVX2 kernel measured no faster than it); a BLAS float32 GEMM
+  // may run in reduced precision (TF32/bf16) when the user allowed it, and then we take it
+  // in float64 so the bound below holds.
   const bool fused = std::is_same_v<T, float> && common::use_avx512f();
   const bool ieee_gemm = std::is_same_v<T, double> || float32_matmul_is_ieee();
   const bool float32_products = std::is_same_v<T, float> && (fused || ieee_gemm);
@@ -252,8 +268,7 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
     for (int64_t q = q0; q < q1; ++q) {
       const double bound = state.hi[q * k + k - 1];
       const RowBounds row{nx[q], xn[q], g_dot, g64, ny.data() + n0, yn.data() + n0};
-      const bool any = fused ? lower_bounds_avx512(row, dp + (q - q0) * ld, cols, bound, lo.data(), err.data())
-                             : lower_bounds(row, dp + (q - q0) * ld, cols, bound, lo.data(), err.data());
+      const bool any = lower_bounds_simd(row, dp + (q - q0) * ld, cols, bound, lo.data(), err.data());
       if (!any) continue;
       for (int64_t c = 0; c < cols; ++c)
         if (lo[c] <= state.hi[q * k + k - 1]) state.offer(q, lo[c], lo[c] + 2.0 * err[c], n0 + c);
@@ -262,10 +277,10 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
 
   if constexpr (std::is_same_v<T, float>) {
     if (fused) {
-      blocked::for_each_dot_block(xp, Q, yp, N, d,
-                                  [&](int64_t q0, int64_t q1, int64_t j0, int64_t j1, const float* C, int64_t ldc) {
-                                    scan(C, ldc, q0, q1, j0, j1 - j0);
-                                  });
+      auto on_block = [&](int64_t q0, int64_t q1, int64_t j0, int64_t j1, const float* C, int64_t ldc) {
+        scan(C, ldc, q0, q1, j0, j1 - j0);
+      };
+      blocked::for_each_dot_block<blocked::F32Avx512>(xp, Q, yp, N, d, on_block);
       finish_float(state, xp, yp, N, d, k, out_dist, out_idx);
       return;
     }
@@ -299,8 +314,8 @@ std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& queries, const at:
   at::Tensor idx = at::empty({Q, k}, X.options().dtype(at::kLong));
   if (X.scalar_type() == at::kByte) {
     at::Tensor dist = at::empty({Q, k}, X.options().dtype(at::kLong));
-    if (common::use_avx512_vnni() && d <= kVnniMaxDim)
-      topk_u8_avx512(X.const_data_ptr<uint8_t>(), Q, Y.const_data_ptr<uint8_t>(), N, d, k,
+    if ((common::use_avx512_vnni() || common::use_avx2_fma()) && d <= kBlockedU8MaxDim)
+      topk_u8_blocked(X.const_data_ptr<uint8_t>(), Q, Y.const_data_ptr<uint8_t>(), N, d, k,
                      dist.mutable_data_ptr<int64_t>(), idx.mutable_data_ptr<int64_t>());
     else
       topk_u8_generic(X, Y, k, dist.mutable_data_ptr<int64_t>(), idx.mutable_data_ptr<int64_t>());

@@ -1,12 +1,16 @@
-// Exact uint8 top-k search on the AVX-512 VNNI blocked kernel (blocked_dots.h).
+// Exact uint8 top-k search on the blocked register kernels (blocked_dots.h): AVX-512 VNNI,
+// or AVX2 FMA on centred floats where the CPU lacks VNNI.
 //
-// A block's dot products are acc = x.(y - 128) = x.y - 128 sum x, so
-//   ||x - y||^2 = (sum x^2 - 256 sum x) + sum y^2 - 2 acc        (exact integers)
-// and each block is folded into the running top-k lists right after it is computed.
+// VNNI's dot products are acc = x.(y - 128) = x.y - 128 sum x, so
+//   ||x - y||^2 = (sum x^2 - 256 sum x) + sum y^2 - 2 acc                  (exact integers)
+// and AVX2's are acc = x'.y' of the centred x' = x - 128, y' = y - 128, so
+//   ||x - y||^2 = ||x'||^2 + ||y'||^2 - 2 acc,  ||x'||^2 = sum x^2 - 256 sum x + 128^2 d.
+// Each block is folded into the running top-k lists right after it is computed.
 #include <algorithm>
 #include <limits>
 #include <vector>
 
+#include "common/cpu_features.h"
 #include "knn/cpu/blocked_dots.h"
 #include "knn/cpu/sorted_topk.h"
 #include "knn/knn.h"
@@ -68,7 +72,8 @@ __attribute__((target("avx512f,avx512bw"))) void reduce_block_i32(const int32_t*
 }
 #endif
 
-// The same in int64, for 33025 < d <= kVnniMaxDim where distances pass 2^31.
+// The same in int64, portable: for 33025 < d <= kBlockedU8MaxDim where distances pass 2^31,
+// and for the AVX2 kernel (this pass is a few percent of its time).
 void reduce_block_i64(const int32_t* C, int64_t ldc, int64_t q0, int64_t q1, int64_t j0, int64_t j1,
                       const int64_t* nx, const int64_t* ny, int64_t k, int64_t* dist, int64_t* idx) {
   for (int64_t q = q0; q < q1; ++q)
@@ -80,42 +85,49 @@ void reduce_block_i64(const int32_t* C, int64_t ldc, int64_t q0, int64_t q1, int
 
 }  // namespace
 
-void topk_u8_avx512(const uint8_t* X, int64_t Q, const uint8_t* Y, int64_t N, int64_t d, int64_t k,
-                    int64_t* out_dist, int64_t* out_idx) {
-#ifdef DIFFMEM_X86
-  TORCH_CHECK(d <= kVnniMaxDim, "topk_u8_avx512: d = ", d, " is too large for int32 accumulators");
-  const bool fits_i32 = d <= 33025;  // d * 255^2 < 2^31
+void topk_u8_blocked(const uint8_t* X, int64_t Q, const uint8_t* Y, int64_t N, int64_t d, int64_t k,
+                     int64_t* out_dist, int64_t* out_idx) {
+  TORCH_CHECK(d <= kBlockedU8MaxDim, "topk_u8_blocked: d = ", d, " is too large for int32 accumulators");
+  const bool vnni = common::use_avx512_vnni();
+  TORCH_CHECK(vnni || common::use_avx2_fma(), "topk_u8_blocked: needs AVX-512 VNNI or AVX2 with FMA");
+  // AVX2: the norms of the centred rows; VNNI: acc carries the refs' -256 sum y
+  const int64_t centring = vnni ? 0 : 16384 * d;
   std::vector<int64_t> nx(Q), ny(N);
   at::parallel_for(0, Q, 256, [&](int64_t b, int64_t e) {
     for (int64_t q = b; q < e; ++q) {
       int64_t s1, s2;
       row_sums(X + q * d, d, s1, s2);
-      nx[q] = s2 - 256 * s1;
+      nx[q] = s2 - 256 * s1 + centring;
     }
   });
   at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       int64_t s1, s2;
       row_sums(Y + j * d, d, s1, s2);
-      ny[j] = s2;
+      ny[j] = vnni ? s2 : s2 - 256 * s1 + centring;
     }
   });
-  std::vector<int32_t> ny32(fits_i32 ? N + 16 : 0, 0);
-  if (fits_i32)
-    for (int64_t j = 0; j < N; ++j) ny32[j] = static_cast<int32_t>(ny[j]);
   std::fill(out_dist, out_dist + Q * k, std::numeric_limits<int64_t>::max());
   std::fill(out_idx, out_idx + Q * k, int64_t(-1));
-
-  blocked::for_each_dot_block(X, Q, Y, N, d,
-                              [&](int64_t q0, int64_t q1, int64_t j0, int64_t j1, const int32_t* C, int64_t ldc) {
-                                if (fits_i32)
-                                  reduce_block_i32(C, ldc, q0, q1, j0, j1, nx.data(), ny32.data(), k, out_dist, out_idx);
-                                else
-                                  reduce_block_i64(C, ldc, q0, q1, j0, j1, nx.data(), ny.data(), k, out_dist, out_idx);
-                              });
-#else
-  TORCH_CHECK(false, "topk_u8_avx512: not an x86-64 build");
+  auto reduce_i64 = [&](int64_t q0, int64_t q1, int64_t j0, int64_t j1, const int32_t* C, int64_t ldc) {
+    reduce_block_i64(C, ldc, q0, q1, j0, j1, nx.data(), ny.data(), k, out_dist, out_idx);
+  };
+  if (!vnni) {
+    blocked::for_each_dot_block<blocked::U8Avx2>(X, Q, Y, N, d, reduce_i64);
+    return;
+  }
+#ifdef DIFFMEM_X86
+  if (d <= 33025) {  // d * 255^2 < 2^31: distances fit int32
+    std::vector<int32_t> ny32(N + 16, 0);  // padded so 16-lane loads stay inside
+    for (int64_t j = 0; j < N; ++j) ny32[j] = static_cast<int32_t>(ny[j]);
+    blocked::for_each_dot_block<blocked::U8Vnni>(
+        X, Q, Y, N, d, [&](int64_t q0, int64_t q1, int64_t j0, int64_t j1, const int32_t* C, int64_t ldc) {
+          reduce_block_i32(C, ldc, q0, q1, j0, j1, nx.data(), ny32.data(), k, out_dist, out_idx);
+        });
+    return;
+  }
 #endif
+  blocked::for_each_dot_block<blocked::U8Vnni>(X, Q, Y, N, d, reduce_i64);
 }
 
 }  // namespace diffmem::knn

@@ -1,0 +1,47 @@
+"""The CPU's measured float32 multiply-add peak (GMAC/s), the bound the CPU kernels'
+benchmark numbers are read against: builds bench/cpu_peak.cpp with the system C++
+compiler and runs it on 1..T threads (best of three each).
+
+    python bench/cpu_peak.py                 # 2 threads, AVX2 (8 lanes)
+    python bench/cpu_peak.py --threads 4 --avx512
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def measure(threads: int = 2, avx512: bool = False) -> dict:
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = pathlib.Path(tmp) / "cpu_peak"
+        subprocess.run([compiler, "-O3", "-fopenmp", str(HERE / "cpu_peak.cpp"), "-o", str(exe)], check=True)
+        out = subprocess.run([str(exe), str(threads), "avx512" if avx512 else "avx2"], check=True,
+                             capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--avx512", action="store_true", help="16-lane AVX-512 FMAs (the CPU must have them)")
+    args = parser.parse_args(argv)
+    try:
+        print(json.dumps(measure(args.threads, args.avx512)))
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"cpu_peak: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
