@@ -73,7 +73,7 @@ __attribute__((target("avx512f,avx512bw"))) void reduce_block_i32(const int32_t*
 #endif
 
 // The same in int64, portable: for 33025 < d <= kBlockedU8MaxDim where distances pass 2^31,
-// and for the AVX2 kernel (this pass is a few percent of its time).
+// and for the AVX2 kernel (a small part of its time next to the products).
 void reduce_block_i64(const int32_t* C, int64_t ldc, int64_t q0, int64_t q1, int64_t j0, int64_t j1,
                       const int64_t* nx, const int64_t* ny, int64_t k, int64_t* dist, int64_t* idx) {
   for (int64_t q = q0; q < q1; ++q)
@@ -90,7 +90,8 @@ void topk_u8_blocked(const uint8_t* X, int64_t Q, const uint8_t* Y, int64_t N, i
   TORCH_CHECK(d <= kBlockedU8MaxDim, "topk_u8_blocked: d = ", d, " is too large for int32 accumulators");
   const bool vnni = common::use_avx512_vnni();
   TORCH_CHECK(vnni || common::use_avx2_fma(), "topk_u8_blocked: needs AVX-512 VNNI or AVX2 with FMA");
-  // AVX2: the norms of the centred rows; VNNI: acc carries the refs' -256 sum y
+  // VNNI: nx = sum x^2 - 256 sum x cancels the -128 sum x inside acc, ny = sum y^2;
+  // AVX2: both are norms of centred rows, sum v^2 - 256 sum v + 128^2 d
   const int64_t centring = vnni ? 0 : 16384 * d;
   std::vector<int64_t> nx(Q), ny(N);
   at::parallel_for(0, Q, 256, [&](int64_t b, int64_t e) {
