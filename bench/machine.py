@@ -33,13 +33,20 @@ def cpu_model() -> str:
     return name
 
 
-def has_avx512() -> bool:
-    """Whether the CPU has AVX-512F (from /proc/cpuinfo; False where that is missing)."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where that is missing)."""
     try:
-        return any(line.startswith("flags") and " avx512f" in line
-                   for line in Path("/proc/cpuinfo").read_text().splitlines())
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return False
+        return set()
+    for line in lines:
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def has_avx512() -> bool:
+    return "avx512f" in cpu_flags()
 
 
 def device_name(device: str, threads: int | None) -> str:

@@ -424,7 +424,7 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
         else:
             tier = max(tier, chunk_tier, 1)
         if n_inexact:
-            q, n = inexact.nonzero().unbind(1)
+            q, n = inexact.nonzero(as_tuple=True)
             chunk = train[n0:n1]
             for b in range(0, q.shape[0], pair_batch):
                 qb, nb_ = q[b : b + pair_batch], n[b : b + pair_batch]

@@ -1,16 +1,13 @@
 import pathlib
+import sys
 
 import pytest
 
-import diffmem
+# the repository root, so tests import the bench package whichever test runs first
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-
-def _cpu_flags() -> set[str]:
-    cpuinfo = pathlib.Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+import diffmem  # noqa: E402
+from bench.machine import cpu_flags  # noqa: E402
 
 
 @pytest.fixture(params=["native", "native-generic", "native-avx2", "reference"])
@@ -25,7 +22,7 @@ def backend(request, monkeypatch):
         monkeypatch.setenv("DIFFMEM_CPU_KERNEL", "generic")
     if request.param == "native-avx2":
         monkeypatch.setenv("DIFFMEM_CPU_KERNEL", "avx2")
-        if {"avx2", "fma"} <= _cpu_flags():  # else the portable kernel runs: still a valid case
+        if {"avx2", "fma"} <= cpu_flags():  # else the portable kernel runs: still a valid case
             assert "uint8:avx2-fma-blocked" in diffmem._native.cpu_kernels()
     if request.param == "reference":
         monkeypatch.setattr(diffmem._native, "use_native", lambda op, device: False)

@@ -1,13 +1,10 @@
 """Benchmark records survive a run cut short: bench/knn.py writes what it measured so far
 (marked "complete": false) after every method, and the full record at the end."""
 import json
-import pathlib
-import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bench import knn, knn_methods  # noqa: E402
+from bench import knn, knn_methods
 
 SMALL = ["--Q", "20", "--N", "64", "--d", "48", "--repeat", "1", "--exact-rows", "4", "--threads", "1"]
 

@@ -216,15 +216,12 @@ bool lower_bounds_avx2(const RowBounds& r, const float* dots, int64_t n, double 
   return lower_bounds(r, dots, n, bound, lo, err);
 }
 #endif
-// Dot products from the BLAS (float32 or float64) and any CPU: the plain loop.
-template <typename D>
-bool lower_bounds_simd(const RowBounds& r, const D* dots, int64_t n, double bound, double* lo, double* err) {
-  return lower_bounds(r, dots, n, bound, lo, err);
-}
-bool lower_bounds_simd(const RowBounds& r, const float* dots, int64_t n, double bound, double* lo, double* err) {
-  if (common::use_avx512f()) return lower_bounds_avx512(r, dots, n, bound, lo, err);
-  if (common::use_avx2_fma()) return lower_bounds_avx2(r, dots, n, bound, lo, err);
-  return lower_bounds(r, dots, n, bound, lo, err);
+using LowerBoundsF32 = bool (*)(const RowBounds&, const float*, int64_t, double, double*, double*);
+// The widest compiled form of the float32 loop this CPU runs (float64 products take the plain one).
+LowerBoundsF32 lower_bounds_f32() {
+  if (common::use_avx512f()) return lower_bounds_avx512;
+  if (common::use_avx2_fma()) return lower_bounds_avx2;
+  return lower_bounds<float>;
 }
 
 // Whether float32 BLAS GEMMs run in full float32. Since torch 2.9 the legacy query throws
@@ -256,8 +253,8 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
   for (int64_t q = 0; q < Q; ++q) xn[q] = std::sqrt(nx[q]);
   for (int64_t j = 0; j < N; ++j) yn[j] = std::sqrt(ny[j]);
   CandidateState state(Q, k, std::max<int64_t>(64, 4 * k));
+  const LowerBoundsF32 bounds_f32 = lower_bounds_f32();
 
-  // Offers refs [n0, n0 + cols) to queries [q0, q1) given their dot products dp (row stride ld).
   // Offers refs [n0, n0 + cols) to queries [q0, q1) given their dot products dp (row stride
   // ld). The bounds of a row are computed in one vectorizable pass; almost always none is
   // below the current k-th upper bound and the row costs nothing more.
@@ -268,7 +265,11 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
     for (int64_t q = q0; q < q1; ++q) {
       const double bound = state.hi[q * k + k - 1];
       const RowBounds row{nx[q], xn[q], g_dot, g64, ny.data() + n0, yn.data() + n0};
-      const bool any = lower_bounds_simd(row, dp + (q - q0) * ld, cols, bound, lo.data(), err.data());
+      bool any;
+      if constexpr (std::is_same_v<std::decay_t<decltype(*dp)>, float>)
+        any = bounds_f32(row, dp + (q - q0) * ld, cols, bound, lo.data(), err.data());
+      else
+        any = lower_bounds(row, dp + (q - q0) * ld, cols, bound, lo.data(), err.data());
       if (!any) continue;
       for (int64_t c = 0; c < cols; ++c)
         if (lo[c] <= state.hi[q * k + k - 1]) state.offer(q, lo[c], lo[c] + 2.0 * err[c], n0 + c);
