@@ -1,9 +1,11 @@
-"""The CPU's measured float32 multiply-add peak (GMAC/s), the bound the CPU kernels'
-benchmark numbers are read against: builds bench/cpu_peak.cpp with the system C++
-compiler and runs it on 1..T threads (best of three each).
+"""The CPU's measured multiply-add peak (GMAC/s), the bound the CPU kernels' benchmark
+numbers are read against: builds bench/cpu_peak.cpp with the system C++ compiler and runs
+it on 1..T threads (best of three each). float32 FMAs on AVX2 or AVX-512 vectors, or
+AVX-512 BF16 dot products (the float32 search's bfloat16 screen runs on those).
 
     python bench/cpu_peak.py                 # 2 threads, AVX2 (8 lanes)
-    python bench/cpu_peak.py --threads 4 --avx512
+    python bench/cpu_peak.py --threads 4 --isa avx512
+    python bench/cpu_peak.py --isa avx512bf16
 """
 from __future__ import annotations
 
@@ -18,14 +20,19 @@ import tempfile
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def measure(threads: int = 2, avx512: bool = False) -> dict:
+ISAS = ("avx2", "avx512", "avx512bf16")
+
+
+def measure(threads: int = 2, isa: str = "avx2") -> dict:
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
     with tempfile.TemporaryDirectory() as tmp:
         exe = pathlib.Path(tmp) / "cpu_peak"
         subprocess.run([compiler, "-O3", "-fopenmp", str(HERE / "cpu_peak.cpp"), "-o", str(exe)], check=True)
-        out = subprocess.run([str(exe), str(threads), "avx512" if avx512 else "avx2"], check=True,
+        out = subprocess.run([str(exe), str(threads), isa], check=True,
                              capture_output=True, text=True).stdout
     return json.loads(out)
 
@@ -33,10 +40,10 @@ def measure(threads: int = 2, avx512: bool = False) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--avx512", action="store_true", help="16-lane AVX-512 FMAs (the CPU must have them)")
+    parser.add_argument("--isa", choices=ISAS, default="avx2", help="the instructions to time (the CPU must have them)")
     args = parser.parse_args(argv)
     try:
-        print(json.dumps(measure(args.threads, args.avx512)))
+        print(json.dumps(measure(args.threads, args.isa)))
     except (RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"cpu_peak: {exc}", file=sys.stderr)
         return 1

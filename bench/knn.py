@@ -224,19 +224,19 @@ def environment(args, device_name: str) -> dict:
     }
 
 
-def _cpu_peak(args) -> dict | None:
-    """The CPU's measured float32 multiply-add peak at the benchmark's thread count, the
+def _cpu_peak(args, isa: str) -> dict | None:
+    """The CPU's measured multiply-add peak at the benchmark's thread count on `isa`, the
     bound to read the GMAC/s column against (bench/cpu_peak.py); None on CUDA."""
     if args.device != "cpu":
         return None
     threads = torch.get_num_threads()  # set from --threads by now
     try:
-        peak = cpu_peak.measure(threads, avx512=machine.has_avx512())
+        peak = cpu_peak.measure(threads, isa)
     except (RuntimeError, OSError, subprocess.CalledProcessError, ValueError) as exc:
         print(f"(no CPU peak: {exc})")
         return {"error": str(exc)}
     gmacs = peak[f"gmacs_{threads}t"]
-    print(f"CPU float32 FMA peak: {gmacs:.1f} GMAC/s ({peak['lanes']} lanes, bench/cpu_peak.py)")
+    print(f"CPU {isa} multiply-add peak: {gmacs:.1f} GMAC/s ({peak['lanes']} lanes, bench/cpu_peak.py)")
     return {**peak, "gmacs": gmacs}
 
 
@@ -258,7 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
     exact = (knn_check.ExactSample(queries, refs, args.k, args.exact_rows, args.seed)
              if args.exact_rows > 0 else None)
 
-    record = {**env, "data": data_info, "cpu_fma_peak": _cpu_peak(args),
+    record = {**env, "data": data_info, "cpu_fma_peak": _cpu_peak(args, "avx512" if machine.has_avx512() else "avx2"),
+              # the float32 search screens with bfloat16 dot products where the CPU has them
+              "cpu_bf16_peak": _cpu_peak(args, "avx512bf16") if machine.has_avx512_bf16() else None,
               "shapes": {"Q": args.Q, "N": args.N, "d": args.d}, "k": args.k,
               "dtypes": args.dtypes, "repeat": args.repeat, "notes": knn_report.NOTES,
               "runs": {}}

@@ -49,6 +49,10 @@ def has_avx512() -> bool:
     return "avx512f" in cpu_flags()
 
 
+def has_avx512_bf16() -> bool:
+    return {"avx512f", "avx512_bf16"} <= cpu_flags()
+
+
 def device_name(device: str, threads: int | None) -> str:
     """Human-readable device; the CPU thread count is part of it because it sets the speed."""
     if device == "cuda":

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import all_finite
 from . import _native
 from .reference import knn as _reference
 
@@ -137,7 +138,7 @@ def _as_rows(x: Any, name: str, allow_empty: bool = False) -> torch.Tensor:
 
 
 def _check_finite(x: torch.Tensor, name: str) -> None:
-    if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+    if x.dtype.is_floating_point and not all_finite(x):
         raise ValueError(f"{name} contains NaN or inf")
 
 

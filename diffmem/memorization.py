@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import all_finite
 from . import knn
 
 
@@ -32,7 +33,7 @@ def quantize(images: Any) -> torch.Tensor:
         return x
     if not x.dtype.is_floating_point:
         raise ValueError(f"images must be uint8 pixels or floats in [-1, 1], got dtype {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ValueError("images contain NaN or inf")
     x = x if x.dtype == torch.float64 else x.float()  # the samplers' float64 state stays float64
     return (x * 127.5 + 128.0).clamp_(0.0, 255.0).to(torch.uint8)

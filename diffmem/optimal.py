@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import all_finite
 from . import _native, optimal_stream
 from .reference import optimal as _reference
 
@@ -208,7 +209,7 @@ def _prepare(x: Any, train: Any):
             t = t.to(q.device)
         else:
             raise ValueError(f"x is on {q.device} but train is on {t.device}; move them to one device")
-    if not bool(torch.isfinite(q).all()):
+    if not all_finite(q):
         raise ValueError("x contains NaN or inf")
     # NaN/inf in train: the op finds them in its norms pass (ValueError), at no extra cost.
     wide = torch.float64 in (q.dtype, t.dtype)

@@ -10,11 +10,14 @@ import diffmem  # noqa: E402
 from bench.machine import cpu_flags  # noqa: E402
 
 
-@pytest.fixture(params=["native", "native-generic", "native-avx2", "reference"])
+@pytest.fixture(params=["native", "native-generic", "native-avx2", "native-avx512", "native-bf16-emulated",
+                        "reference"])
 def backend(request, monkeypatch):
     """Runs a test through each implementation: the native op with its default CPU
-    kernel, with the portable uint8 kernel, with the AVX2 uint8 kernel (the default where
-    the CPU lacks AVX-512 VNNI), and the PyTorch reference."""
+    kernels, with the portable kernels, with the AVX2 uint8 kernel (the default where
+    the CPU lacks AVX-512 VNNI), with the float32 AVX-512 FMA screen (the default where the
+    CPU lacks AVX-512 BF16), with the bfloat16 screen on emulated products (its logic on any
+    CPU), and the PyTorch reference."""
     monkeypatch.delenv("DIFFMEM_CPU_KERNEL", raising=False)
     if request.param.startswith("native") and not diffmem._native.AVAILABLE:
         pytest.fail(f"native extension failed to load: {diffmem._native.LOAD_ERROR}")
@@ -24,6 +27,13 @@ def backend(request, monkeypatch):
         monkeypatch.setenv("DIFFMEM_CPU_KERNEL", "avx2")
         if {"avx2", "fma"} <= cpu_flags():  # else the portable kernel runs: still a valid case
             assert "uint8:avx2-fma-blocked" in diffmem._native.cpu_kernels()
+    if request.param == "native-avx512":
+        monkeypatch.setenv("DIFFMEM_CPU_KERNEL", "avx512")
+        if "avx512f" in cpu_flags():  # else the BLAS screen runs: still a valid case
+            assert "float32:avx512-fma" in diffmem._native.cpu_kernels()
+    if request.param == "native-bf16-emulated":
+        monkeypatch.setenv("DIFFMEM_CPU_KERNEL", "bf16-emulated")
+        assert "float32:bf16-screen-emulated" in diffmem._native.cpu_kernels()
     if request.param == "reference":
         monkeypatch.setattr(diffmem._native, "use_native", lambda op, device: False)
     return request.param

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import knn, knn_methods
+from bench import knn, knn_methods, machine
 
 SMALL = ["--Q", "20", "--N", "64", "--d", "48", "--repeat", "1", "--exact-rows", "4", "--threads", "1"]
 
@@ -18,6 +18,12 @@ def test_a_finished_run_is_complete(tmp_path):
     # the CPU's FMA peak at the run's thread count, the bound its GMAC/s are read against
     peak = record["cpu_fma_peak"]
     assert peak["lanes"] in (8, 16) and peak["gmacs"] == peak["gmacs_1t"] > 0
+    # and, where the float32 search screens with bfloat16 dot products, their peak
+    bf16 = record["cpu_bf16_peak"]
+    if machine.has_avx512_bf16():
+        assert bf16["isa"] == "avx512bf16" and bf16["macs_per_lane"] == 2 and bf16["gmacs"] > 0
+    else:
+        assert bf16 is None
 
 
 def test_the_cpu_peak_grows_with_threads_and_vector_width():
@@ -29,6 +35,8 @@ def test_the_cpu_peak_grows_with_threads_and_vector_width():
     assert peak["lanes"] == 8
     assert 1.0 < peak["gmacs_1t"] < 500.0  # a few GHz x 2 FMA units x 8 lanes is about 50
     assert peak["gmacs_2t"] > 1.1 * peak["gmacs_1t"]  # best of three: other load only lowers it
+    with pytest.raises(ValueError, match="isa must be one of"):
+        cpu_peak.measure(1, "avx1024")
 
 
 def test_an_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):

@@ -171,6 +171,51 @@ def test_float_masses_of_near_ties(backend):
     _assert_float_matches(x, y, 5, rtol=1e-12)
 
 
+def test_float32_screen_overflow_falls_back_to_a_tighter_screen(backend):
+    """Refs on spheres around queries far from the refs' centre, radii 0.05 apart: within
+    the bfloat16 screen's bound all 100 refs of a sphere tie (more than the candidate list
+    holds), while the float32 screen separates them. The result must not depend on which
+    screen found it."""
+    gen = torch.Generator().manual_seed(6)
+    d = 64
+    q = torch.randn(3, d, generator=gen, dtype=torch.float64) * 10
+    u = torch.randn(300, d, generator=gen, dtype=torch.float64)
+    u = u / u.norm(dim=1, keepdim=True)
+    radii = 1 + (torch.arange(300, dtype=torch.float64) % 100) * 0.05
+    y = q.repeat_interleave(100, dim=0) + u * radii[:, None]
+    y = y[torch.randperm(300, generator=gen)]
+    _assert_float_matches(q.float(), y.float(), 5)
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e25), (torch.float32, 1e-30), (torch.float32, 1e-40),
+                                         (torch.float64, 1e150), (torch.float64, 1e-150)])
+def test_float_extreme_magnitudes(backend, dtype, scale):
+    """Rows near the top and the bottom of the dtype's range (1e-40 is subnormal in
+    float32): the screens' products would overflow or underflow there, so the rows are
+    scaled by a power of two first, and the result is still the brute force's."""
+    gen = torch.Generator().manual_seed(7)
+    y = torch.randn(300, 500, generator=gen, dtype=torch.float64)
+    x = y[:40] + torch.randn(40, 500, generator=gen, dtype=torch.float64) * 0.3
+    x, y = (x * scale).to(dtype), (y * scale).to(dtype)
+    dist, idx = knn.topk(x, y, 2)
+    ref_d, ref_i = brute_force_topk(x, y, 2)
+    assert torch.equal(idx, ref_i), "indices differ from the float64 brute force"
+    # subnormal float32 distances keep few significant bits: compare at the output's resolution
+    atol = 2.0 ** -149 if scale < 1e-38 else 0.0
+    torch.testing.assert_close(dist.double(), ref_d.sqrt(), rtol=1e-6, atol=atol)
+
+
+def test_bf16_screen_is_the_default_where_the_cpu_has_it(monkeypatch):
+    from bench.machine import cpu_flags
+
+    monkeypatch.delenv("DIFFMEM_CPU_KERNEL", raising=False)
+    kernels = diffmem._native.cpu_kernels()
+    if {"avx512f", "avx512_bf16"} <= cpu_flags():
+        assert "float32:avx512-bf16-screen" in kernels
+    else:
+        assert "bf16" not in kernels
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs(backend, dtype):
     gen = torch.Generator().manual_seed(5)

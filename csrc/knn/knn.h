@@ -27,6 +27,10 @@ inline void check_inputs(const at::Tensor& queries, const at::Tensor& refs, int6
 
 std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& queries, const at::Tensor& refs, int64_t k);
 
+// float32/float64 X (Q, d) and Y (N, d), contiguous: out_dist (squared, float64) and
+// out_idx (Q, k) filled, sorted, ties by index.
+void topk_float_cpu(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out_dist, int64_t* out_idx);
+
 // uint8 kernel on the blocked register kernels (AVX-512 VNNI, else AVX2 FMA); requires
 // common::use_avx512_vnni() or common::use_avx2_fma(), and d <= kBlockedU8MaxDim.
 // X (Q, d) and Y (N, d) row-major; out_dist/out_idx (Q, k) are filled, sorted, ties by index.

@@ -7,6 +7,7 @@ ascending, ties by smaller index; squared distances int64 for uint8, float64 oth
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -96,12 +97,33 @@ def _sort_by_dist_then_index(d, i, k):
     return d[:, :k], torch.gather(i, 1, order[:, :k])
 
 
-def _topk_float(x: torch.Tensor, y: torch.Tensor, k: int):
+def _power_of_two_shift(x: torch.Tensor, y: torch.Tensor) -> int:
+    """-e for rows whose largest |value| 2^e is outside [2^-32, 2^32], else 0: scaled by
+    2^-e, the products neither overflow nor underflow (as the CPU op does)."""
+    m = max(float(x.abs().max()), float(y.abs().max()))
+    if m == 0.0 or 2.0**-32 <= m < 2.0**32:
+        return 0
+    return 1 - math.frexp(m)[1]
+
+
+def _shifted(v: torch.Tensor, shift: int) -> torch.Tensor:
+    """v * 2^shift, in float64 and in two steps (2^shift itself may not be representable)."""
+    if shift == 0:
+        return v
+    half = shift // 2
+    return (v.double() * 2.0**half * 2.0 ** (shift - half)).to(v.dtype)
+
+
+def _topk_float(x_in: torch.Tensor, y_in: torch.Tensor, k: int):
     """Expansion candidates with a rigorous rounding bound, then an exact re-rank (see
-    csrc/knn/cpu/knn_cpu.cpp for the bound)."""
+    csrc/knn/cpu/knn_float.cpp for the bound), on rows scaled by a power of two; the
+    re-rank reads the rows as given."""
+    shift = _power_of_two_shift(x_in, y_in)
+    x, y = _shifted(x_in, shift), _shifted(y_in, shift)
     Q, N, d = x.shape[0], y.shape[0], x.shape[1]
     u = 2.0**-24 if x.dtype == torch.float32 else 2.0**-53
     g_dot, g64 = _gamma(d, u), _gamma(d + 4, 2.0**-53)
+    t = d * (2.0**-120 if x.dtype == torch.float32 else 2.0**-1000)  # subnormal products and sums
     C = min(N, max(64, 4 * k))
     ny = y.double().square().sum(1)
     yn = ny.sqrt()
@@ -123,7 +145,7 @@ def _topk_float(x: torch.Tensor, y: torch.Tensor, k: int):
                 dots = (xq @ yt.T).double()
             a = nx + ny[n0 : n0 + REF_TILE] - 2.0 * dots
             s = xn + yn[n0 : n0 + REF_TILE]
-            err = 1.25 * (2.0 * g_dot * xn * yn[n0 : n0 + REF_TILE] + g64 * s * s)
+            err = 1.25 * (2.0 * g_dot * xn * yn[n0 : n0 + REF_TILE] + g64 * s * s + t * (1.0 + s))
             idx = torch.arange(n0, n0 + yt.shape[0], device=x.device).expand(nq, -1)
             lo = torch.cat([cand_lo, a - err], 1)
             li = torch.cat([cand_i, idx], 1)
@@ -135,11 +157,11 @@ def _topk_float(x: torch.Tensor, y: torch.Tensor, k: int):
             hi_k = torch.topk(torch.cat([hi_k, a + err], 1), k, dim=1, largest=False, sorted=True).values
         bound = hi_k[:, k - 1 : k]
         verified = dropped > bound[:, 0]
-        exact = _exact_sqdist(xq, y, cand_i)
+        exact = _exact_sqdist(x_in[q0 : q0 + QUERY_TILE], y_in, cand_i)
         exact = torch.where(cand_lo <= bound, exact, torch.full_like(exact, inf))
         res_d, res_i = _sort_by_dist_then_index(exact, cand_i, k)
         for row in torch.nonzero(~verified).flatten().tolist():  # masses of near-ties
-            res_d[row], res_i[row] = _brute_force_row(xq[row], y, k)
+            res_d[row], res_i[row] = _brute_force_row(x_in[q0 + row], y_in, k)
         out_d[q0 : q0 + nq], out_i[q0 : q0 + nq] = res_d, res_i
     return out_d, out_i
 

@@ -1,6 +1,7 @@
 // C++ tests of diffmem::knn_topk on CPU, called through the dispatcher and compared with a
 // brute-force reference (plain loops in int64/double, sorted by (distance, index)).
-// Run by ctest twice: with the default uint8 kernel and with DIFFMEM_CPU_KERNEL=generic.
+// Run by ctest three times: with the default kernels, with DIFFMEM_CPU_KERNEL=generic and
+// with DIFFMEM_CPU_KERNEL=bf16-emulated (the float32 bfloat16 screen on any CPU).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -5,6 +5,8 @@
 // unsigned operand); refs are packed as y - 128 (signed), so a tile holds x.y - 128 sum x,
 // exact while d * 255 * 128 < 2^31.
 // float32: one FMA per feature, the same 8 x 48 register tile.
+// bfloat16 (AVX-512 BF16): vdpbf16ps does two multiply-adds per float32 lane, so each step
+// consumes a pair of features; the operands are packed by blocked_dots_bf16.cpp.
 // Accumulators are named variables, not an array: GCC keeps all 24 in registers then.
 #include <algorithm>
 #include <cstring>
@@ -98,14 +100,19 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_u8(const uint8
 #undef STORE
 }
 
-__attribute__((target("avx512f"))) void micro_f32(const float* a, const float* b, int64_t groups, float* c,
-                                                  int64_t ldc, bool accumulate) {
-#define INIT(i)                                                                              \
+// The float32 accumulator tile of micro_f32 and micro_bf16_avx512: 24 named registers.
+#define DIFFMEM_F32_TILE_INIT(i)                                                             \
   __m512 c##i##0 = accumulate ? _mm512_loadu_ps(c + (i) * ldc) : _mm512_setzero_ps();        \
   __m512 c##i##1 = accumulate ? _mm512_loadu_ps(c + (i) * ldc + 16) : _mm512_setzero_ps();   \
   __m512 c##i##2 = accumulate ? _mm512_loadu_ps(c + (i) * ldc + 32) : _mm512_setzero_ps();
-  DIFFMEM_FOR_ROWS(INIT)
-#undef INIT
+#define DIFFMEM_F32_TILE_STORE(i)                 \
+  _mm512_storeu_ps(c + (i) * ldc, c##i##0);      \
+  _mm512_storeu_ps(c + (i) * ldc + 16, c##i##1); \
+  _mm512_storeu_ps(c + (i) * ldc + 32, c##i##2);
+
+__attribute__((target("avx512f"))) void micro_f32(const float* a, const float* b, int64_t groups, float* c,
+                                                  int64_t ldc, bool accumulate) {
+  DIFFMEM_FOR_ROWS(DIFFMEM_F32_TILE_INIT)
   for (int64_t g = 0; g < groups; ++g, a += MR, b += NR) {
     const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32);
 #define STEP(i)                                  \
@@ -118,14 +125,31 @@ __attribute__((target("avx512f"))) void micro_f32(const float* a, const float* b
     DIFFMEM_FOR_ROWS(STEP)
 #undef STEP
   }
-#define STORE(i)                                  \
-  _mm512_storeu_ps(c + (i) * ldc, c##i##0);      \
-  _mm512_storeu_ps(c + (i) * ldc + 16, c##i##1); \
-  _mm512_storeu_ps(c + (i) * ldc + 32, c##i##2);
-  DIFFMEM_FOR_ROWS(STORE)
-#undef STORE
+  DIFFMEM_FOR_ROWS(DIFFMEM_F32_TILE_STORE)
 }
 
+__attribute__((target("avx512f,avx512bf16"))) void micro_bf16_avx512(const uint16_t* a, const uint16_t* b,
+                                                                     int64_t groups, float* c, int64_t ldc,
+                                                                     bool accumulate) {
+  DIFFMEM_FOR_ROWS(DIFFMEM_F32_TILE_INIT)
+  for (int64_t g = 0; g < groups; ++g, a += MR * 2, b += NR * 2) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 32),
+                   b2 = (__m512bh)_mm512_loadu_si512(b + 64);
+#define STEP(i)                                                            \
+  {                                                                        \
+    const __m512bh x = (__m512bh)_mm512_set1_epi32(load_i32(a + 2 * (i))); \
+    c##i##0 = _mm512_dpbf16_ps(c##i##0, x, b0);                            \
+    c##i##1 = _mm512_dpbf16_ps(c##i##1, x, b1);                            \
+    c##i##2 = _mm512_dpbf16_ps(c##i##2, x, b2);                            \
+  }
+    DIFFMEM_FOR_ROWS(STEP)
+#undef STEP
+  }
+  DIFFMEM_FOR_ROWS(DIFFMEM_F32_TILE_STORE)
+}
+
+#undef DIFFMEM_F32_TILE_INIT
+#undef DIFFMEM_F32_TILE_STORE
 #undef DIFFMEM_FOR_ROWS
 
 
@@ -133,6 +157,7 @@ __attribute__((target("avx512f"))) void micro_f32(const float* a, const float* b
 
 void micro_u8(const uint8_t*, const int8_t*, int64_t, int32_t*, int64_t, bool) {}
 void micro_f32(const float*, const float*, int64_t, float*, int64_t, bool) {}
+void micro_bf16_avx512(const uint16_t*, const uint16_t*, int64_t, float*, int64_t, bool) {}
 
 #endif
 

@@ -114,21 +114,21 @@ void topk_u8_blocked(const uint8_t* X, int64_t Q, const uint8_t* Y, int64_t N, i
     reduce_block_i64(C, ldc, q0, q1, j0, j1, nx.data(), ny.data(), k, out_dist, out_idx);
   };
   if (!vnni) {
-    blocked::for_each_dot_block<blocked::U8Avx2>(X, Q, Y, N, d, reduce_i64);
+    blocked::for_each_dot_block(blocked::U8Avx2{}, X, Q, Y, N, d, reduce_i64);
     return;
   }
 #ifdef DIFFMEM_X86
   if (d <= 33025) {  // d * 255^2 < 2^31: distances fit int32
     std::vector<int32_t> ny32(N + 16, 0);  // padded so 16-lane loads stay inside
     for (int64_t j = 0; j < N; ++j) ny32[j] = static_cast<int32_t>(ny[j]);
-    blocked::for_each_dot_block<blocked::U8Vnni>(
-        X, Q, Y, N, d, [&](int64_t q0, int64_t q1, int64_t j0, int64_t j1, const int32_t* C, int64_t ldc) {
+    blocked::for_each_dot_block(
+        blocked::U8Vnni{}, X, Q, Y, N, d, [&](int64_t q0, int64_t q1, int64_t j0, int64_t j1, const int32_t* C, int64_t ldc) {
           reduce_block_i32(C, ldc, q0, q1, j0, j1, nx.data(), ny32.data(), k, out_dist, out_idx);
         });
     return;
   }
 #endif
-  blocked::for_each_dot_block<blocked::U8Vnni>(X, Q, Y, N, d, reduce_i64);
+  blocked::for_each_dot_block(blocked::U8Vnni{}, X, Q, Y, N, d, reduce_i64);
 }
 
 }  // namespace diffmem::knn
