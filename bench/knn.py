@@ -195,7 +195,35 @@ def run_dtype(inp, dtype: str, args, exact, progress=None) -> dict:
             progress(partial)
     check(results, outputs, exact)
     add_ratios(results, args.device, dtype)
+    if results.get("diffmem", {}).get("median_s") is not None:  # diffmem ran
+        screen = screen_summary(inp, dtype)
+        if screen is not None:
+            results["diffmem"]["screen"] = screen
     return results
+
+
+def screen_summary(inp, dtype: str) -> dict | None:
+    """How much the float CPU search left for its exact re-rank on these data (refs a query,
+    from torch.ops.diffmem.knn_screen_counts; -1 marks a query screened again): the part of
+    its work that grows when the screen's bound is loose. None where it does not apply."""
+    if dtype == "uint8" or inp.device.type != "cpu":
+        return None
+    try:
+        import diffmem
+    except ImportError:
+        return None
+    if not diffmem._native.AVAILABLE:
+        return None
+    q, r = inp.for_dtype(dtype)
+    counts = torch.ops.diffmem.knn_screen_counts(q, r, inp.k)
+    kept = counts[counts >= 0].double()
+    return {
+        "screen": diffmem._native.cpu_kernels().split()[-1],
+        "refs_per_query_mean": float(kept.mean()) if kept.numel() else None,
+        "refs_per_query_median": float(kept.median()) if kept.numel() else None,
+        "refs_per_query_max": int(kept.max()) if kept.numel() else None,
+        "queries_screened_again": int((counts < 0).sum()),
+    }
 
 
 def _reference_note(results: dict) -> str:

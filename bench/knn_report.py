@@ -85,6 +85,11 @@ def table(title: str, methods: dict) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
 
     lines = [title, line(HEADER), *map(line, rows)]
+    screen = methods.get("diffmem", {}).get("screen")
+    if screen and screen["refs_per_query_mean"] is not None:
+        lines.append(f"diffmem's screen ({screen['screen']}) left {screen['refs_per_query_mean']:.2f} refs a "
+                     f"query for the exact re-rank (median {screen['refs_per_query_median']:g}, max "
+                     f"{screen['refs_per_query_max']}); {screen['queries_screened_again']} queries screened again")
     worst = max((m.get("other_cpu_load") or 0 for m in methods.values()), default=0)
     if worst > BUSY_WARN:
         lines.append(f"WARNING: other processes used up to {worst:.0%} of the CPU while "
@@ -108,6 +113,8 @@ NOTES = [
     "exact_sample: a random subset of query rows checked against float64 ground truth; a row is "
     "wrong unless the true distances of the returned neighbours equal the true k smallest.",
     "Targets are stated for the default sizes; results at other sizes are indicative only.",
+    "diffmem.screen (float input on the CPU): refs per query its first screen left for the exact "
+    "re-rank, from torch.ops.diffmem.knn_screen_counts in a separate, untimed call.",
 ]
 
 

@@ -29,6 +29,10 @@ TORCH_LIBRARY(diffmem, m) {
   // (squared distances, indices), both (Q, k), ascending, ties by smaller index;
   // squared distances are int64 for uint8 input, float64 otherwise.
   m.def("knn_topk(Tensor queries, Tensor refs, int k) -> (Tensor, Tensor)");
+  // Diagnostics of knn_topk's float CPU search (float32/float64 queries and refs on the
+  // CPU): per query (Q,) int64, how many refs its first screen left for the exact re-rank,
+  // or -1 where they were more than the candidate list holds (screened again).
+  m.def("knn_screen_counts(Tensor queries, Tensor refs, int k) -> Tensor");
   // Closed-form optimal denoiser over a training set, streamed with an online softmax:
   // D = sum_n w_n y_n, w = softmax_n(-||x - scale y_n||^2 / (2 sigma^2)), and the
   // log-sum-exp of those logits. x (B, d) float32/float64; train (N, d) uint8 (read as

@@ -33,6 +33,10 @@ if _native.AVAILABLE:
         shape = (queries.shape[0], k)
         return queries.new_empty(shape, dtype=dist_dtype), queries.new_empty(shape, dtype=torch.int64)
 
+    @torch.library.register_fake("diffmem::knn_screen_counts")
+    def _knn_screen_counts_fake(queries, refs, k):
+        return queries.new_empty((queries.shape[0],), dtype=torch.int64)
+
 
 def topk(queries: Any, refs: Any, k: int = 2, *, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest rows of `refs` for every row of `queries`.

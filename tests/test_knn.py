@@ -185,6 +185,14 @@ def test_float32_screen_overflow_falls_back_to_a_tighter_screen(backend):
     y = q.repeat_interleave(100, dim=0) + u * radii[:, None]
     y = y[torch.randperm(300, generator=gen)]
     _assert_float_matches(q.float(), y.float(), 5)
+    if backend == "reference":
+        return
+    # ... and the case is what it claims: the bfloat16 screen overflows, the float32 one not
+    counts = torch.ops.diffmem.knn_screen_counts(q.float(), y.float(), 5)
+    if "bf16-screen" in diffmem._native.cpu_kernels():
+        assert (counts == -1).all()
+    else:
+        assert ((counts >= 5) & (counts <= 64)).all()
 
 
 @pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e25), (torch.float32, 1e-30), (torch.float32, 1e-40),
@@ -317,6 +325,19 @@ def test_opcheck(dtype):
     x = torch.randint(0, 256, (11, 37), generator=gen).to(dtype)
     y = torch.randint(0, 256, (53, 37), generator=gen).to(dtype)
     torch.library.opcheck(torch.ops.diffmem.knn_topk.default, (x, y, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_screen_counts(dtype):
+    assert diffmem._native.AVAILABLE, diffmem._native.LOAD_ERROR
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(11, 37, generator=gen).to(dtype)
+    y = torch.randn(53, 37, generator=gen).to(dtype)
+    torch.library.opcheck(torch.ops.diffmem.knn_screen_counts.default, (x, y, 3))
+    counts = torch.ops.diffmem.knn_screen_counts(x, y, 3)
+    assert counts.shape == (11,) and ((counts >= 3) | (counts == -1)).all()  # the k nearest are always kept
+    with pytest.raises(ValueError, match="uint8 search has no screen"):
+        torch.ops.diffmem.knn_screen_counts(x.to(torch.uint8), y.to(torch.uint8), 3)
 
 
 def test_under_torch_compile():

@@ -28,8 +28,10 @@ inline void check_inputs(const at::Tensor& queries, const at::Tensor& refs, int6
 std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& queries, const at::Tensor& refs, int64_t k);
 
 // float32/float64 X (Q, d) and Y (N, d), contiguous: out_dist (squared, float64) and
-// out_idx (Q, k) filled, sorted, ties by index.
-void topk_float_cpu(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out_dist, int64_t* out_idx);
+// out_idx (Q, k) filled, sorted, ties by index; screen_counts (Q), when given, receives
+// what knn_screen_counts returns.
+void topk_float_cpu(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out_dist, int64_t* out_idx,
+                    int64_t* screen_counts = nullptr);
 
 // uint8 kernel on the blocked register kernels (AVX-512 VNNI, else AVX2 FMA); requires
 // common::use_avx512_vnni() or common::use_avx2_fma(), and d <= kBlockedU8MaxDim.

@@ -87,6 +87,21 @@ std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& queries, const at:
   return {dist, idx};
 }
 
-TORCH_LIBRARY_IMPL(diffmem, CPU, m) { m.impl("knn_topk", &topk_cpu); }
+at::Tensor screen_counts_cpu(const at::Tensor& queries, const at::Tensor& refs, int64_t k) {
+  check_inputs(queries, refs, k);
+  TORCH_CHECK_VALUE(queries.scalar_type() != at::kByte, "knn_screen_counts: the uint8 search has no screen");
+  const at::Tensor X = queries.contiguous(), Y = refs.contiguous();
+  const int64_t Q = X.size(0);
+  at::Tensor counts = at::empty({Q}, X.options().dtype(at::kLong));
+  std::vector<double> dist(Q * k);
+  std::vector<int64_t> idx(Q * k);
+  topk_float_cpu(X, Y, k, dist.data(), idx.data(), counts.mutable_data_ptr<int64_t>());
+  return counts;
+}
+
+TORCH_LIBRARY_IMPL(diffmem, CPU, m) {
+  m.impl("knn_topk", &topk_cpu);
+  m.impl("knn_screen_counts", &screen_counts_cpu);
+}
 
 }  // namespace diffmem::knn

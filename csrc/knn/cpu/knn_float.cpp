@@ -273,7 +273,7 @@ constexpr int64_t kFloatQueryBlock = 128;
 
 template <typename T>
 void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out_dist, int64_t* out_idx,
-                bool allow_bf16) {
+                bool allow_bf16, int64_t* screen_counts) {
   const int64_t Q = X.size(0), N = Y.size(0), d = X.size(1);
   const T* xp = X.const_data_ptr<T>();
   const T* yp = Y.const_data_ptr<T>();
@@ -369,6 +369,12 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
     }
   }
 
+  if (screen_counts != nullptr)
+    for (int64_t q = 0; q < Q; ++q) {
+      int64_t n = 0;
+      for (int64_t c = 0; c < state.count[q]; ++c) n += state.lo[q * state.capacity + c] <= state.hi[q * k + k - 1];
+      screen_counts[q] = state.overflow[q] ? -1 : n;
+    }
   finish_float(state, xp, yp, N, d, k, out_dist, out_idx, /*brute_force_overflow=*/!bf16);
   if (!bf16) return;
   // Queries whose bfloat16 candidates overflowed: the float32 screen, 2^8 times tighter.
@@ -380,7 +386,7 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
   const at::Tensor rows = at::from_blob(rest.data(), {m}, at::TensorOptions().dtype(at::kLong));
   std::vector<double> dist(m * k);
   std::vector<int64_t> idx(m * k);
-  topk_float<T>(X.index_select(0, rows), Y, k, dist.data(), idx.data(), /*allow_bf16=*/false);
+  topk_float<T>(X.index_select(0, rows), Y, k, dist.data(), idx.data(), /*allow_bf16=*/false, nullptr);
   for (int64_t i = 0; i < m; ++i)
     for (int64_t c = 0; c < k; ++c) {
       out_dist[rest[i] * k + c] = dist[i * k + c];
@@ -390,11 +396,12 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
 
 }  // namespace
 
-void topk_float_cpu(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out_dist, int64_t* out_idx) {
+void topk_float_cpu(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out_dist, int64_t* out_idx,
+                    int64_t* screen_counts) {
   if (X.scalar_type() == at::kFloat)
-    topk_float<float>(X, Y, k, out_dist, out_idx, /*allow_bf16=*/true);
+    topk_float<float>(X, Y, k, out_dist, out_idx, /*allow_bf16=*/true, screen_counts);
   else
-    topk_float<double>(X, Y, k, out_dist, out_idx, /*allow_bf16=*/false);
+    topk_float<double>(X, Y, k, out_dist, out_idx, /*allow_bf16=*/false, screen_counts);
 }
 
 }  // namespace diffmem::knn
