@@ -350,6 +350,10 @@ def _ddp_worker(rank, world, init_file, out_dir):
         gathered = distributed.gather_objects(flat)
         if rank == 0:
             torch.save(gathered, os.path.join(out_dir, "ddp_params.pt"))
+        # Nothing may still hold the process group when it is destroyed, and both processes
+        # get there before either tears it down (a gloo process once aborted at exit in CI).
+        del ddp, result
+        distributed.barrier()
     finally:
         distributed.shutdown()
 
