@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--d", type=int, help="row length (default: 3072 = 32x32x3)")
     p.add_argument("--k", type=int, default=2, help="neighbours per query (default: 2)")
     p.add_argument("--dtype", default="uint8,float32",
-                   help="comma list of diffmem input dtypes, each a separate run "
-                        "(default: uint8,float32)")
+                   help="comma list of diffmem input dtypes, each a separate run: uint8, "
+                        "float32, float64 (the baselines take float32 copies) (default: uint8,float32)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma list (default: {DEFAULT_METHODS}); bare_gemm = "
                         "bare_gemm_f32,bare_gemm_int8")
@@ -61,9 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     machine.resolve_device_defaults(p, args, DEFAULT_SIZES[args.device])
     args.dtypes = [t for t in args.dtype.split(",") if t]
-    bad = set(args.dtypes) - {"uint8", "float32"}
+    bad = set(args.dtypes) - set(knn_methods.DTYPES)
     if bad:
-        p.error(f"--dtype must be uint8 and/or float32, got {sorted(bad)}")
+        p.error(f"--dtype must be among {', '.join(knn_methods.DTYPES)}, got {sorted(bad)}")
     args.method_names = knn_methods.expand_names([m for m in args.methods.split(",") if m])
     return args
 

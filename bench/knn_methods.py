@@ -33,6 +33,9 @@ class Method:
     note: str = ""
 
 
+DTYPES = ("uint8", "float32", "float64")  # diffmem's input dtypes a run can time
+
+
 class Inputs:
     """The same rows in every form the methods need, converted once before timing."""
 
@@ -49,7 +52,13 @@ class Inputs:
         return self.q_u8.shape[0], self.r_u8.shape[0], self.q_u8.shape[1]
 
     def for_dtype(self, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if dtype == "float64":
+            return self.float64
         return {"uint8": (self.q_u8, self.r_u8), "float32": (self.q_f32, self.r_f32)}[dtype]
+
+    @functools.cached_property
+    def float64(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q_f32.double(), self.r_f32.double()
 
     @functools.cached_property
     def numpy_f32(self) -> tuple[np.ndarray, np.ndarray]:

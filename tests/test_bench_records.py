@@ -26,6 +26,17 @@ def test_a_finished_run_is_complete(tmp_path):
         assert bf16 is None
 
 
+def test_a_float64_run_times_diffmem_on_float64_rows(tmp_path):
+    out = tmp_path / "knn.json"
+    knn.main([*SMALL, "--methods", "diffmem,faiss_flat_l2", "--dtype", "float64", "--out", str(out)])
+    run = json.loads(out.read_text())["runs"]["float64"]
+    assert run["diffmem"]["computes_in"] == "float64" and run["faiss_flat_l2"]["computes_in"] == "float32"
+    assert run["diffmem"]["exact_sample"]["rows_wrong"] == 0
+    assert run["diffmem"]["screen"]["refs_per_query_mean"] >= 2  # the k nearest are always kept
+    with pytest.raises(SystemExit):
+        knn.main([*SMALL, "--dtype", "float16", "--out", str(out)])
+
+
 def test_the_cpu_peak_grows_with_threads_and_vector_width():
     """bench/cpu_peak.py measures FMA chains, not a constant: two threads are faster than
     one (CI has two cores), and the reading is of the order of a core's peak."""

@@ -147,6 +147,15 @@ def test_float_near_duplicates_large_norms(backend, dtype):
     assert not torch.equal(expanded.topk(2, largest=False).indices, brute_force_topk(x, y, 2)[1])
 
 
+def test_float64_differences_below_float32_resolution(backend):
+    """float64 near-duplicates a millionth of a float32 ulp apart, around large centres: the
+    bfloat16 and float32 roundings of the rows erase them, so only the bound (taken from the
+    float64 rows) and the fallbacks behind it can find the nearest."""
+    gen = torch.Generator().manual_seed(8)
+    x, y = _near_duplicates(gen, torch.float64, scale=1000.0, noise=1e-9)
+    _assert_float_matches(x, y, 2, rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_float_exact_ties(backend, dtype):
     """Refs at the same distance from a query (mirror images, duplicates): smaller index first."""

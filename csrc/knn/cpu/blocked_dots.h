@@ -46,9 +46,11 @@ void pack_queries(const uint8_t* X, int64_t Q, int64_t d, int64_t groups, int64_
 void pack_queries(const float* X, int64_t Q, int64_t d, int64_t groups, int64_t q0, float* out);
 void pack_refs_centred(const uint8_t* Y, int64_t N, int64_t d, int64_t r0, float* out);
 void pack_queries_centred(const uint8_t* X, int64_t Q, int64_t d, int64_t q0, float* out);
-// bfloat16 operands: bf16(fl32(v - mu)) in pairs of features, [pair][rows][2].
+// bfloat16 operands: bf16(fl32(fl32(v) - mu)) in pairs of features, [pair][rows][2].
 void pack_refs_bf16(const float* Y, int64_t N, int64_t d, const float* mu, int64_t r0, uint16_t* out);
+void pack_refs_bf16(const double* Y, int64_t N, int64_t d, const float* mu, int64_t r0, uint16_t* out);
 void pack_queries_bf16(const float* X, int64_t Q, int64_t d, const float* mu, int64_t q0, uint16_t* out);
+void pack_queries_bf16(const double* X, int64_t Q, int64_t d, const float* mu, int64_t q0, uint16_t* out);
 
 // Round to nearest even, then zero if subnormal: the value vdpbf16ps reads (it treats
 // subnormal inputs as zero). Callers keep |v| far below the float32 maximum (no overflow).
@@ -69,6 +71,8 @@ inline float from_bf16(uint16_t h) {
 // Per row of V (rows x d): sq = ||v - mu||^2 (float64), and the norms of the packed bfloat16
 // operand h and of its rounding error (v - mu) - h, which bound the screen's error.
 void bf16_row_stats(const float* V, int64_t rows, int64_t d, const float* mu, double* sq, double* rounded_norm,
+                    double* err_norm);
+void bf16_row_stats(const double* V, int64_t rows, int64_t d, const float* mu, double* sq, double* rounded_norm,
                     double* err_norm);
 
 // Ref rows [r0, r0 + NR) -> out[feature][NR] floats, convert(element) each, missing rows
@@ -112,8 +116,9 @@ struct F32Avx512 {
   static void pack_b(const In* Y, int64_t N, int64_t d, int64_t g, int64_t r0, B* o) { pack_refs(Y, N, d, g, r0, o); }
   static void micro(const A* a, const B* b, int64_t g, Acc* c, int64_t ldc, bool acc) { micro_f32(a, b, g, c, ldc, acc); }
 };
-struct F32Bf16 {  // Acc ~ bf16(x - mu) . bf16(y - mu)
-  using In = float; using A = uint16_t; using B = uint16_t; using Acc = float;
+template <typename T>
+struct Bf16Screen {  // float or double rows; Acc ~ bf16(x - mu) . bf16(y - mu)
+  using In = T; using A = uint16_t; using B = uint16_t; using Acc = float;
   static constexpr int64_t G = 2;
   const float* mu;  // d per-feature shifts
   MicroBf16 kernel;

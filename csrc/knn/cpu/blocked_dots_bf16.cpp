@@ -1,4 +1,4 @@
-// bfloat16 screening operands for float32 search (blocked_dots.h): rows are centred by a
+// bfloat16 screening operands for float search (blocked_dots.h): rows are centred by a
 // per-feature shift mu (distances do not change, norms shrink, so the rounding bound does),
 // rounded to bfloat16, and multiplied by AVX-512 BF16's vdpbf16ps, which does two
 // multiply-adds per 32-bit lane: twice the float32 FMA rate. Its products are only
@@ -23,16 +23,28 @@ namespace diffmem::knn::blocked {
 
 namespace {
 
-// fl32(v[f] - mu[f]) as bfloat16 for f < n, zero-padded to an even count. Cloned for
-// AVX-512 and for any x86-64 (the bfloat16 screen can be forced onto any CPU for tests).
-DIFFMEM_TARGET_CLONES void centred_bf16(const float* v, const float* mu, int64_t n, uint16_t* out) {
-  for (int64_t f = 0; f < n; ++f) out[f] = to_bf16(v[f] - mu[f]);
-  if (n & 1) out[n] = 0;
+// The operand of one element: bf16(fl32(fl32(v) - mu)) (for float rows, fl32(v) = v).
+template <typename T>
+inline uint16_t operand_bf16(T v, float mu) {
+  return to_bf16(static_cast<float>(v) - mu);
 }
 
-}  // namespace
+// operand_bf16 of v[f] for f < n, zero-padded to an even count.
+template <typename T>
+inline void centred_bf16_impl(const T* v, const float* mu, int64_t n, uint16_t* out) {
+  for (int64_t f = 0; f < n; ++f) out[f] = operand_bf16(v[f], mu[f]);
+  if (n & 1) out[n] = 0;
+}
+// Cloned for AVX-512 and for any x86-64 (the bfloat16 screen can be forced onto any CPU).
+DIFFMEM_TARGET_CLONES void centred_bf16(const float* v, const float* mu, int64_t n, uint16_t* out) {
+  centred_bf16_impl(v, mu, n, out);
+}
+DIFFMEM_TARGET_CLONES void centred_bf16(const double* v, const float* mu, int64_t n, uint16_t* out) {
+  centred_bf16_impl(v, mu, n, out);
+}
 
-void pack_refs_bf16(const float* Y, int64_t N, int64_t d, const float* mu, int64_t r0, uint16_t* out) {
+template <typename T>
+void pack_refs_bf16_impl(const T* Y, int64_t N, int64_t d, const float* mu, int64_t r0, uint16_t* out) {
   constexpr int64_t F = 256;  // features per buffered slice (128 pairs)
   alignas(64) uint32_t tmp[NR][F / 2];
   const int64_t pairs = (d + 1) / 2;
@@ -49,7 +61,8 @@ void pack_refs_bf16(const float* Y, int64_t N, int64_t d, const float* mu, int64
   }
 }
 
-void pack_queries_bf16(const float* X, int64_t Q, int64_t d, const float* mu, int64_t q0, uint16_t* out) {
+template <typename T>
+void pack_queries_bf16_impl(const T* X, int64_t Q, int64_t d, const float* mu, int64_t q0, uint16_t* out) {
   const int64_t pairs = (d + 1) / 2;
   std::memset(out, 0, static_cast<size_t>(pairs * MR * 4));
   const int64_t rows = std::min<int64_t>(MR, Q - q0);
@@ -64,13 +77,13 @@ void pack_queries_bf16(const float* X, int64_t Q, int64_t d, const float* mu, in
 }
 
 // Per row, in float64: ||v - mu||^2, ||h|| and ||(v - mu) - h|| for h the row's bfloat16
-// operand exactly as packed (to_bf16, here on 16 lanes at a time where the CPU has AVX-512).
-namespace {
+// operand exactly as packed (operand_bf16, here on 16 lanes at a time with AVX-512).
 struct StatSums {
   double sq = 0, h = 0, e = 0;
-  void add(float v, float mu) {
+  template <typename T>
+  void add(T v, float mu) {
     const double c = static_cast<double>(v) - static_cast<double>(mu);
-    const double hv = static_cast<double>(from_bf16(to_bf16(v - mu)));
+    const double hv = static_cast<double>(from_bf16(operand_bf16(v, mu)));
     sq += c * c;
     h += hv * hv;
     e += (c - hv) * (c - hv);
@@ -92,16 +105,32 @@ __attribute__((target("avx512f"))) inline __m256 half8(__m512 v, int half) {
   return half ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)) : _mm512_castps512_ps256(v);
 }
 
-__attribute__((target("avx512f"))) int64_t stats16(const float* v, const float* mu, int64_t d, StatSums& out) {
+// 16 elements of a row: as float32 (what the operand rounds) and as two float64 halves.
+__attribute__((target("avx512f"))) inline void load16(const float* v, __m512& f32, __m512d& lo, __m512d& hi) {
+  f32 = _mm512_loadu_ps(v);
+  lo = _mm512_cvtps_pd(half8(f32, 0));
+  hi = _mm512_cvtps_pd(half8(f32, 1));
+}
+__attribute__((target("avx512f"))) inline void load16(const double* v, __m512& f32, __m512d& lo, __m512d& hi) {
+  lo = _mm512_loadu_pd(v);
+  hi = _mm512_loadu_pd(v + 8);
+  f32 = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps(lo))),
+                                            _mm256_castps_pd(_mm512_cvtpd_ps(hi)), 1));
+}
+
+template <typename T>
+__attribute__((target("avx512f"))) int64_t stats16(const T* v, const float* mu, int64_t d, StatSums& out) {
   __m512d sq = _mm512_setzero_pd(), hh = _mm512_setzero_pd(), ee = _mm512_setzero_pd();
   int64_t f = 0;
   for (; f + 16 <= d; f += 16) {
-    const __m512 x = _mm512_loadu_ps(v + f), m = _mm512_loadu_ps(mu + f);
+    __m512 x;
+    __m512d xd[2];
+    load16(v + f, x, xd[0], xd[1]);
+    const __m512 m = _mm512_loadu_ps(mu + f);
     const __m512 h = _mm512_castsi512_ps(bf16_bits16(_mm512_sub_ps(x, m)));
     for (int half = 0; half < 2; ++half) {
-      const __m256 xs = half8(x, half), ms = half8(m, half), hs = half8(h, half);
-      const __m512d c = _mm512_sub_pd(_mm512_cvtps_pd(xs), _mm512_cvtps_pd(ms));
-      const __m512d hd = _mm512_cvtps_pd(hs), e = _mm512_sub_pd(c, hd);
+      const __m512d c = _mm512_sub_pd(xd[half], _mm512_cvtps_pd(half8(m, half)));
+      const __m512d hd = _mm512_cvtps_pd(half8(h, half)), e = _mm512_sub_pd(c, hd);
       sq = _mm512_fmadd_pd(c, c, sq);
       hh = _mm512_fmadd_pd(hd, hd, hh);
       ee = _mm512_fmadd_pd(e, e, ee);
@@ -113,12 +142,12 @@ __attribute__((target("avx512f"))) int64_t stats16(const float* v, const float* 
   return f;
 }
 #endif
-}  // namespace
 
-void bf16_row_stats(const float* V, int64_t rows, int64_t d, const float* mu, double* sq, double* rounded_norm,
-                    double* err_norm) {
+template <typename T>
+void bf16_row_stats_impl(const T* V, int64_t rows, int64_t d, const float* mu, double* sq, double* rounded_norm,
+                         double* err_norm) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* v = V + r * d;
+    const T* v = V + r * d;
     StatSums s;
     int64_t f = 0;
 #ifdef DIFFMEM_X86
@@ -129,6 +158,29 @@ void bf16_row_stats(const float* V, int64_t rows, int64_t d, const float* mu, do
     rounded_norm[r] = std::sqrt(s.h);
     err_norm[r] = std::sqrt(s.e);
   }
+}
+
+}  // namespace
+
+void pack_refs_bf16(const float* Y, int64_t N, int64_t d, const float* mu, int64_t r0, uint16_t* out) {
+  pack_refs_bf16_impl(Y, N, d, mu, r0, out);
+}
+void pack_refs_bf16(const double* Y, int64_t N, int64_t d, const float* mu, int64_t r0, uint16_t* out) {
+  pack_refs_bf16_impl(Y, N, d, mu, r0, out);
+}
+void pack_queries_bf16(const float* X, int64_t Q, int64_t d, const float* mu, int64_t q0, uint16_t* out) {
+  pack_queries_bf16_impl(X, Q, d, mu, q0, out);
+}
+void pack_queries_bf16(const double* X, int64_t Q, int64_t d, const float* mu, int64_t q0, uint16_t* out) {
+  pack_queries_bf16_impl(X, Q, d, mu, q0, out);
+}
+void bf16_row_stats(const float* V, int64_t rows, int64_t d, const float* mu, double* sq, double* rounded_norm,
+                    double* err_norm) {
+  bf16_row_stats_impl(V, rows, d, mu, sq, rounded_norm, err_norm);
+}
+void bf16_row_stats(const double* V, int64_t rows, int64_t d, const float* mu, double* sq, double* rounded_norm,
+                    double* err_norm) {
+  bf16_row_stats_impl(V, rows, d, mu, sq, rounded_norm, err_norm);
 }
 
 namespace {

@@ -2,9 +2,9 @@
 // with a rigorous bound on its error, then an exact re-rank of the survivors by direct
 // differences in float64 (the expansion alone loses the near-duplicates).
 //
-// Screens, fastest first: bfloat16 products of centred rows (AVX-512 BF16), float32 products
-// (AVX-512 FMA kernel, else the BLAS), float64 BLAS products (float64 input, or a float32
-// BLAS allowed to run in reduced precision).
+// Screens, fastest first: bfloat16 products of centred rows (AVX-512 BF16; float32 and
+// float64 input), float32 products (AVX-512 FMA kernel, else the BLAS), float64 BLAS
+// products (float64 input, or a float32 BLAS allowed to run in reduced precision).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -32,8 +32,9 @@ constexpr int64_t kRefTile = 1024;
 // with g = gamma_d in the product's precision, g64 for the float64 norms and sums, and t
 // for subnormal products and sums (flushed or not); the code uses 1.25 e for margin. Any
 // ref with a - e above the k-th smallest a + e cannot be among the k nearest; the rest are
-// re-ranked exactly. A query with more than kCandidates such refs (masses of near-ties) is
-// searched again by a tighter screen, or by brute force, so the result is exact in every case.
+// re-ranked exactly. A query with more such refs than its candidate list holds (max(64, 4k);
+// masses of near-ties) is searched again by a tighter screen, or by brute force, so the
+// result is exact in every case.
 inline double gamma(int64_t n, double u) { return n * u / (1.0 - n * u); }
 
 // Per row: ||v'||^2, ||v'||, and the norms of its operand and of the operand's error.
@@ -141,7 +142,8 @@ RowStats plain_row_stats(const T* p, int64_t rows, int64_t d) {
 
 // Per-feature means of (at most 1024 evenly spaced) refs, rounded to float32: the bfloat16
 // screen's shift. Any shift is exact; one near the data's centre keeps the bound tight.
-std::vector<float> feature_means(const float* Y, int64_t N, int64_t d) {
+template <typename T>
+std::vector<float> feature_means(const T* Y, int64_t N, int64_t d) {
   std::vector<float> mu(d);
   const int64_t rows = std::min<int64_t>(N, 1024);
   constexpr int64_t F = 256;
@@ -150,7 +152,7 @@ std::vector<float> feature_means(const float* Y, int64_t N, int64_t d) {
       const int64_t f0 = blk * F, fn = std::min(F, d - f0);
       double acc[F] = {};
       for (int64_t i = 0; i < rows; ++i) {
-        const float* y = Y + (i * N / rows) * d + f0;
+        const T* y = Y + (i * N / rows) * d + f0;
         for (int64_t f = 0; f < fn; ++f) acc[f] += y[f];
       }
       for (int64_t f = 0; f < fn; ++f) mu[f0 + f] = static_cast<float>(acc[f] / static_cast<double>(rows));
@@ -159,7 +161,8 @@ std::vector<float> feature_means(const float* Y, int64_t N, int64_t d) {
   return mu;
 }
 
-RowStats bf16_stats(const float* V, int64_t rows, int64_t d, const float* mu) {
+template <typename T>
+RowStats bf16_stats(const T* V, int64_t rows, int64_t d, const float* mu) {
   RowStats s(rows);
   at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
     blocked::bf16_row_stats(V + b * d, e - b, d, mu, s.sq.data() + b, s.op_norm.data() + b, s.err_norm.data() + b);
@@ -286,7 +289,7 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
   // it, else from the BLAS (on AVX2 CPUs a fused AVX2 kernel measured no faster than it); a
   // BLAS float32 GEMM may run in reduced precision (TF32/bf16) when the user allowed it, and
   // then we take it in float64 so the bound holds.
-  const bool bf16 = std::is_same_v<T, float> && allow_bf16 && common::use_bf16_screen();
+  const bool bf16 = allow_bf16 && common::use_bf16_screen();
   const bool fused = std::is_same_v<T, float> && common::use_avx512f();
   const bool ieee_gemm = std::is_same_v<T, double> || float32_matmul_is_ieee();
   const bool float32_products = std::is_same_v<T, float> && (fused || ieee_gemm);
@@ -296,19 +299,9 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
   const double g_dot = gamma(d, u_dot), g64 = gamma(d + 4, std::ldexp(1.0, -53));
   const double t = static_cast<double>(d) * std::ldexp(1.0, float32_products || bf16 ? -120 : -1000);
 
-  std::vector<float> mu;
-  RowStats sx(0), sy(0);
-  if constexpr (std::is_same_v<T, float>) {
-    if (bf16) {
-      mu = feature_means(ys, N, d);
-      sx = bf16_stats(xs, Q, d, mu.data());
-      sy = bf16_stats(ys, N, d, mu.data());
-    }
-  }
-  if (!bf16) {
-    sx = plain_row_stats(xs, Q, d);
-    sy = plain_row_stats(ys, N, d);
-  }
+  const std::vector<float> mu = bf16 ? feature_means(ys, N, d) : std::vector<float>();
+  const RowStats sx = bf16 ? bf16_stats(xs, Q, d, mu.data()) : plain_row_stats(xs, Q, d);
+  const RowStats sy = bf16 ? bf16_stats(ys, N, d, mu.data()) : plain_row_stats(ys, N, d);
   std::vector<double> p(N), r(N);
   for (int64_t j = 0; j < N; ++j) {
     p[j] = g_dot * sy.op_norm[j] + sy.err_norm[j];
@@ -343,12 +336,16 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
   };
 
   bool screened = false;
+  if (bf16) {
+    const blocked::Bf16Screen<T> kernel{mu.data(), blocked::micro_bf16(common::forced("bf16-emulated"))};
+    blocked::for_each_dot_block(kernel, xs, Q, ys, N, d, on_block);
+    screened = true;
+  }
   if constexpr (std::is_same_v<T, float>) {
-    if (bf16)
-      blocked::for_each_dot_block(blocked::F32Bf16{mu.data(), blocked::micro_bf16(common::forced("bf16-emulated"))}, xs, Q, ys, N, d, on_block);
-    else if (fused)
+    if (!screened && fused) {
       blocked::for_each_dot_block(blocked::F32Avx512{}, xs, Q, ys, N, d, on_block);
-    screened = bf16 || fused;
+      screened = true;
+    }
   }
   if (!screened) {
     const int64_t q_blocks = (Q + kFloatQueryBlock - 1) / kFloatQueryBlock;
@@ -377,7 +374,8 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
     }
   finish_float(state, xp, yp, N, d, k, out_dist, out_idx, /*brute_force_overflow=*/!bf16);
   if (!bf16) return;
-  // Queries whose bfloat16 candidates overflowed: the float32 screen, 2^8 times tighter.
+  // Queries whose bfloat16 candidates overflowed: the float32 or float64 screen, at least
+  // 2^8 times tighter.
   std::vector<int64_t> rest;
   for (int64_t q = 0; q < Q; ++q)
     if (state.overflow[q]) rest.push_back(q);
@@ -401,7 +399,7 @@ void topk_float_cpu(const at::Tensor& X, const at::Tensor& Y, int64_t k, double*
   if (X.scalar_type() == at::kFloat)
     topk_float<float>(X, Y, k, out_dist, out_idx, /*allow_bf16=*/true, screen_counts);
   else
-    topk_float<double>(X, Y, k, out_dist, out_idx, /*allow_bf16=*/false, screen_counts);
+    topk_float<double>(X, Y, k, out_dist, out_idx, /*allow_bf16=*/true, screen_counts);
 }
 
 }  // namespace diffmem::knn
