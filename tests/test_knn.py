@@ -222,6 +222,17 @@ def test_float_extreme_magnitudes(backend, dtype, scale):
     torch.testing.assert_close(dist.double(), ref_d.sqrt(), rtol=1e-6, atol=atol)
 
 
+def test_float_rows_too_long_for_low_precision_bounds(backend):
+    """2^23 + 8 features a row: d u >= 1 for bfloat16 products (and 2^21 is the float32
+    limit), where gamma_d no longer bounds the sums; such rows take float64 products."""
+    gen = torch.Generator().manual_seed(11)
+    d = 2**23 + 8
+    y = torch.randn(3, d, generator=gen)
+    x = (y[1:2] + torch.randn(1, d, generator=gen) * 1e-3).float()
+    y[2] = y[1] + torch.randn(d, generator=gen) * 1e-3  # a second ref as near as the first
+    _assert_float_matches(x, y, 2)
+
+
 def test_bf16_screen_is_the_default_where_the_cpu_has_it(monkeypatch):
     from bench.machine import cpu_flags
 

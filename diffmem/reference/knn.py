@@ -121,6 +121,8 @@ def _topk_float(x_in: torch.Tensor, y_in: torch.Tensor, k: int):
     shift = _power_of_two_shift(x_in, y_in)
     x, y = _shifted(x_in, shift), _shifted(y_in, shift)
     Q, N, d = x.shape[0], y.shape[0], x.shape[1]
+    if x.dtype == torch.float32 and d > 2**21:  # gamma_d in float32 would no longer bound the sums
+        x, y = x.double(), y.double()
     u = 2.0**-24 if x.dtype == torch.float32 else 2.0**-53
     g_dot, g64 = _gamma(d, u), _gamma(d + 4, 2.0**-53)
     t = d * (2.0**-120 if x.dtype == torch.float32 else 2.0**-1000)  # subnormal products and sums

@@ -289,9 +289,13 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
   // it, else from the BLAS (on AVX2 CPUs a fused AVX2 kernel measured no faster than it); a
   // BLAS float32 GEMM may run in reduced precision (TF32/bf16) when the user allowed it, and
   // then we take it in float64 so the bound holds.
-  const bool bf16 = allow_bf16 && common::use_bf16_screen();
-  const bool fused = std::is_same_v<T, float> && common::use_avx512f();
-  const bool ieee_gemm = std::is_same_v<T, double> || float32_matmul_is_ieee();
+  // gamma_d = d u / (1 - d u) only bounds sums while d u < 1; past 2^20 (bfloat16) or 2^21
+  // (float32) features a row the bound would be too loose to screen anything anyway, so
+  // such rows take the float64 products.
+  const bool bf16 = allow_bf16 && common::use_bf16_screen() && d <= (int64_t(1) << 20);
+  const bool float32_rows_fit = d <= (int64_t(1) << 21);
+  const bool fused = std::is_same_v<T, float> && common::use_avx512f() && float32_rows_fit;
+  const bool ieee_gemm = std::is_same_v<T, double> || (float32_matmul_is_ieee() && float32_rows_fit);
   const bool float32_products = std::is_same_v<T, float> && (fused || ieee_gemm);
   // bfloat16 products are exact in float32 and summed there (round to nearest even; 2^-23
   // would also cover any other rounding mode).
