@@ -224,6 +224,21 @@ def test_large_offset(dtype):
     check(x, y, 10)
 
 
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e25), (torch.float32, 1e-30), (torch.float32, 1e-40),
+                                         (torch.float64, 1e150), (torch.float64, 1e-150)])
+def test_extreme_magnitudes(dtype, scale):
+    # Near the top and the bottom of the dtype's range: products overflow or underflow in
+    # the GEMM (on the CPU this needed scaling by a power of two first).
+    gen = torch.Generator().manual_seed(7)
+    y = torch.randn((300, 500), generator=gen, dtype=torch.float64)
+    x = y[:40] + 0.3 * torch.randn((40, 500), generator=gen, dtype=torch.float64)
+    x, y = (x * scale).to(dtype), (y * scale).to(dtype)
+    d, i = run(x, y, 2)
+    rd, ri = reference_topk(x, y, 2)
+    assert torch.equal(i.cpu(), ri), "indices differ"
+    torch.testing.assert_close(d.cpu(), rd, rtol=1e-6, atol=0.0)  # squared, float64: re-ranked exactly
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [1, 5, 32])
 def test_forced_fallback(dtype, k, monkeypatch):
