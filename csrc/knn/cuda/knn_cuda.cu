@@ -45,6 +45,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstdlib>
 #include <limits>
 #include <tuple>
@@ -909,11 +910,44 @@ std::tuple<at::Tensor, at::Tensor> topk_float_impl(const at::Tensor& X, const at
 }
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> topk_float(const at::Tensor& X, const at::Tensor& Y,
-                                              int64_t k) {
+std::tuple<at::Tensor, at::Tensor> topk_float_unscaled(const at::Tensor& X, const at::Tensor& Y,
+                                                       int64_t k) {
   // L = max(64, 4k) rounded to a power of two: C = L - 1 candidates.
   if (k <= 16) return topk_float_impl<T, 2>(X, Y, k);
   return topk_float_impl<T, 4>(X, Y, k);
+}
+
+// v * 2^shift, in steps of at most 2^1000 (2^shift itself may not be a double).
+at::Tensor& scale_by_power_of_two(at::Tensor& v, int shift) {
+  while (shift != 0) {
+    const int step = std::max(-1000, std::min(1000, shift));
+    v.mul_(std::ldexp(1.0, step));
+    shift -= step;
+  }
+  return v;
+}
+
+// Rows whose largest |value| 2^e lies outside [2^-32, 2^32] (where the GEMM's products
+// would overflow or underflow) are searched as float64 copies scaled by 2^-e: exact for
+// float32 rows, and a power of two keeps the order of distances; the squared distances
+// are scaled back.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> topk_float(const at::Tensor& X, const at::Tensor& Y,
+                                              int64_t k) {
+  auto max_abs = [](const at::Tensor& v) {
+    auto [lo, hi] = at::aminmax(v);
+    return std::max(-lo.item<double>(), hi.item<double>());
+  };
+  const double m = std::max(max_abs(X), max_abs(Y));
+  if (m == 0.0 || (m >= std::ldexp(1.0, -32) && m < std::ldexp(1.0, 32))) return topk_float_unscaled<T>(X, Y, k);
+  const int shift = -std::ilogb(m);
+  at::Tensor Xs = X.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor Ys = Y.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+  scale_by_power_of_two(Xs, shift);
+  scale_by_power_of_two(Ys, shift);
+  auto [d, i] = topk_float_unscaled<double>(Xs, Ys, k);
+  scale_by_power_of_two(d, -2 * shift);
+  return {d, i};
 }
 
 }  // namespace
