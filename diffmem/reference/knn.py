@@ -100,7 +100,11 @@ def _sort_by_dist_then_index(d, i, k):
 def _power_of_two_shift(x: torch.Tensor, y: torch.Tensor) -> int:
     """-e for rows whose largest |value| 2^e is outside [2^-32, 2^32], else 0: scaled by
     2^-e, the products neither overflow nor underflow (as the CPU op does)."""
-    m = max(float(x.abs().max()), float(y.abs().max()))
+    def max_abs(v: torch.Tensor) -> float:  # one reduction, no |v| copy of a training set
+        lo, hi = torch.aminmax(v)
+        return max(-float(lo), float(hi))
+
+    m = max(max_abs(x), max_abs(y))
     if m == 0.0 or 2.0**-32 <= m < 2.0**32:
         return 0
     return 1 - math.frexp(m)[1]

@@ -67,6 +67,9 @@ struct CandidateState {
       : capacity(cap), k(k_), lo(Q * cap), idx(Q * cap), count(Q, 0),
         hi(Q * k_, std::numeric_limits<double>::infinity()), hi_idx(Q * k_, -1), overflow(Q, 0) {}
 
+  // Whether query q's t-th candidate survives the final bound (the exact re-rank's refs).
+  bool kept(int64_t q, int64_t t) const { return lo[q * capacity + t] <= hi[q * k + k - 1]; }
+
   // Offers ref j with bounds [l, h] to query q; refs arrive in increasing index order.
   void offer(int64_t q, double l, double h, int64_t j) {
     double* hq = hi.data() + q * k;
@@ -117,9 +120,8 @@ void finish_float(const CandidateState& state, const T* xp, const T* yp, int64_t
       if (state.overflow[q]) {
         for (int64_t j = 0; j < N; ++j) consider(j);
       } else {
-        const double bound = state.hi[q * k + k - 1];
         for (int64_t t = 0; t < state.count[q]; ++t)
-          if (state.lo[q * state.capacity + t] <= bound) consider(state.idx[q * state.capacity + t]);
+          if (state.kept(q, t)) consider(state.idx[q * state.capacity + t]);
       }
     }
   });
@@ -373,7 +375,7 @@ void topk_float(const at::Tensor& X, const at::Tensor& Y, int64_t k, double* out
   if (screen_counts != nullptr)
     for (int64_t q = 0; q < Q; ++q) {
       int64_t n = 0;
-      for (int64_t c = 0; c < state.count[q]; ++c) n += state.lo[q * state.capacity + c] <= state.hi[q * k + k - 1];
+      for (int64_t t = 0; t < state.count[q]; ++t) n += state.kept(q, t);
       screen_counts[q] = state.overflow[q] ? -1 : n;
     }
   finish_float(state, xp, yp, N, d, k, out_dist, out_idx, /*brute_force_overflow=*/!bf16);
