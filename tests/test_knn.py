@@ -222,6 +222,25 @@ def test_float_extreme_magnitudes(backend, dtype, scale):
     torch.testing.assert_close(dist.double(), ref_d.sqrt(), rtol=1e-6, atol=atol)
 
 
+@pytest.mark.parametrize("case", ["overflowing distances", "underflowing differences"])
+def test_float64_distances_at_the_ends_of_the_range(backend, case):
+    """float64 rows whose squared distances overflow to inf (they tie, in index order, as
+    in a float64 brute force; no empty slot is left with index -1), and rows whose small
+    differences sit 300 orders of magnitude below their values (the re-rank uses the rows
+    as given, not the scaled copies the screen multiplies, which flush them to zero)."""
+    if case == "overflowing distances":
+        x = torch.tensor([[1e308], [0.0]], dtype=torch.float64)
+        y = torch.tensor([[-1e308], [-0.5e308], [1e308]], dtype=torch.float64)
+    else:
+        x = torch.tensor([[1e300, 0.0]], dtype=torch.float64)
+        y = torch.tensor([[1e300, 3e-30], [1e300, 2e-30], [1e300, -4e-30]], dtype=torch.float64)
+    for k in (1, 2, 3):
+        dist, idx = knn.topk(x, y, k)
+        ref_d, ref_i = brute_force_topk(x, y, k)
+        assert torch.equal(idx, ref_i), f"k={k}: indices {idx.tolist()} differ from {ref_i.tolist()}"
+        torch.testing.assert_close(dist, ref_d.sqrt(), rtol=1e-12, atol=0.0)
+
+
 def test_float_rows_too_long_for_low_precision_bounds(backend):
     """2^23 + 8 features a row: d u >= 1 for bfloat16 products (and 2^21 is the float32
     limit), where gamma_d no longer bounds the sums; such rows take float64 products."""
@@ -358,6 +377,27 @@ def test_opcheck_screen_counts(dtype):
     assert counts.shape == (11,) and ((counts >= 3) | (counts == -1)).all()  # the k nearest are always kept
     with pytest.raises(ValueError, match="uint8 search has no screen"):
         torch.ops.diffmem.knn_screen_counts(x.to(torch.uint8), y.to(torch.uint8), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("where", ["queries", "refs-first", "refs-last"])
+def test_op_rejects_non_finite_input(dtype, bad, where):
+    # The op itself (not only the Python wrapper) refuses NaN/inf: the power-of-two scaling
+    # would otherwise zero every row (inf) or ignore the value (NaN) and return index -1.
+    assert diffmem._native.AVAILABLE, diffmem._native.LOAD_ERROR
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 37, generator=gen).to(dtype)
+    y = torch.randn(40, 37, generator=gen).to(dtype)
+    if where == "queries":
+        x[2, 5] = bad
+    elif where == "refs-first":
+        y[0, 0] = bad
+    else:
+        y[-1, -1] = bad  # past the last full vector of lanes
+    for op in (torch.ops.diffmem.knn_topk, torch.ops.diffmem.knn_screen_counts):
+        with pytest.raises(RuntimeError, match="must be finite"):
+            op(x, y, 2)
 
 
 def test_under_torch_compile():

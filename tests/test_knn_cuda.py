@@ -240,6 +240,54 @@ def test_extreme_magnitudes(dtype, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_rejects_non_finite_input(dtype, bad):
+    # Before the check, inf made the power-of-two scaling loop ~2^31 times.
+    gen = torch.Generator().manual_seed(13)
+    x, y = make(dtype, (5, 9), gen), make(dtype, (40, 9), gen)
+    y[17, 3] = bad
+    with pytest.raises(RuntimeError, match="must be finite"):
+        run(x, y, 2)
+
+
+@pytest.mark.parametrize("case", ["overflowing distances", "underflowing differences"])
+def test_float64_distances_at_the_ends_of_the_range(case):
+    # Squared distances past the float64 range tie at inf, in index order; differences
+    # 300 orders of magnitude below the values survive (the re-rank uses the rows as
+    # given, not the scaled copies the screen multiplies).
+    if case == "overflowing distances":
+        x = torch.tensor([[1e308], [0.0]], dtype=torch.float64)
+        y = torch.tensor([[-1e308], [-0.5e308], [1e308]], dtype=torch.float64)
+    else:
+        x = torch.tensor([[1e300, 0.0]], dtype=torch.float64)
+        y = torch.tensor([[1e300, 3e-30], [1e300, 2e-30], [1e300, -4e-30]], dtype=torch.float64)
+    for k in (1, 2, 3):
+        d, i = run(x, y, k)
+        rd, ri = reference_topk(x, y, k)
+        assert torch.equal(i.cpu(), ri), f"k={k}: {i.tolist()} vs {ri.tolist()}"
+        torch.testing.assert_close(d.cpu(), rd, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_same_bits_as_the_cpu_op(fallback, monkeypatch):
+    # Exact distances are summed in feature order without fma on both devices, so even
+    # rows whose distances tie only up to rounding come back in the same order. Here the
+    # two refs are permutations of each other: equal in exact arithmetic, and a different
+    # summation order rounds them apart.
+    if fallback:
+        monkeypatch.setenv("DIFFMEM_KNN_FORCE_FALLBACK", "1")
+    x = torch.zeros(1, 3, dtype=torch.float64)
+    y = torch.tensor([[2.1924660937882696, 0.7634104416843126, 2.8412850171063746],
+                      [0.7634104416843126, 2.1924660937882696, 2.8412850171063746]], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(14)
+    xr, yr = make(torch.float64, (30, 77), gen), make(torch.float64, (500, 77), gen)
+    for a, b, k in ((x, y, 2), (xr, yr, 5), (xr.float(), yr.float(), 5)):
+        d, i = run(a, b, k)
+        cd, ci = knn_topk(a, b, k)
+        assert torch.equal(i.cpu(), ci) and torch.equal(d.cpu(), cd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [1, 5, 32])
 def test_forced_fallback(dtype, k, monkeypatch):
     monkeypatch.setenv("DIFFMEM_KNN_FORCE_FALLBACK", "1")

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/cpu_features.h"
@@ -100,7 +101,9 @@ struct CandidateState {
 };
 
 // Exact re-rank of each query's surviving candidates; an overflowed query is searched by
-// brute force, or left to the caller when brute_force_overflow is false.
+// brute force, or left to the caller when brute_force_overflow is false. So is a query
+// whose k-th distance overflows float64 (rows beyond ~1e154): the screen ranks such refs
+// by their true distances, a float64 brute force sees ties at inf, broken by index.
 template <typename T>
 void finish_float(const CandidateState& state, const T* xp, const T* yp, int64_t N, int64_t d, int64_t k,
                   double* out_dist, int64_t* out_idx, bool brute_force_overflow) {
@@ -115,14 +118,18 @@ void finish_float(const CandidateState& state, const T* xp, const T* yp, int64_t
       const T* x = xp + q * d;
       auto consider = [&](int64_t j) {
         const double t = exact_sqdist(x, yp + j * d, d);
-        if (t < dq[k - 1]) sorted_insert(dq, iq, k, t, j);
+        // An empty slot takes any distance, inf included (float64 rows near the top of
+        // the range): inf ties then keep index order, as in a float64 brute force.
+        if (iq[k - 1] < 0 || t < dq[k - 1]) sorted_insert(dq, iq, k, t, j);
       };
-      if (state.overflow[q]) {
-        for (int64_t j = 0; j < N; ++j) consider(j);
-      } else {
+      if (!state.overflow[q]) {
         for (int64_t t = 0; t < state.count[q]; ++t)
           if (state.kept(q, t)) consider(state.idx[q * state.capacity + t]);
+        if (!std::isinf(dq[k - 1])) continue;
+        std::fill(dq, dq + k, std::numeric_limits<double>::infinity());
+        std::fill(iq, iq + k, int64_t(-1));
       }
+      for (int64_t j = 0; j < N; ++j) consider(j);
     }
   });
 }
@@ -239,22 +246,37 @@ bool float32_matmul_is_ieee() {
 // a power of two keeps the order of distances; only underflowing elements round (covered by t).
 template <typename T>
 int power_of_two_shift(const T* x, int64_t Q, const T* y, int64_t N, int64_t d) {
-  auto max_abs = [d](const T* p, int64_t rows) {
+  // max |v|, and sum (v - v): 0 for finite rows, NaN once a NaN or inf is among them
+  // (std::max alone would drop a NaN).
+  using Acc = std::pair<double, double>;
+  auto scan = [d](const T* p, int64_t rows) {
     return at::parallel_reduce(
-        0, rows, 256, 0.0,
-        [&](int64_t b, int64_t e, double m) {
+        0, rows, 256, Acc{0.0, 0.0},
+        [&](int64_t b, int64_t e, Acc a) {
           constexpr int64_t L = 16;  // independent lanes: the loop vectorizes
-          T lane[L] = {};
+          T lane[L] = {}, bad[L] = {};
           int64_t i = b * d;
           for (; i + L <= e * d; i += L)
-            for (int64_t l = 0; l < L; ++l) lane[l] = std::max(lane[l], std::abs(p[i + l]));
-          for (; i < e * d; ++i) m = std::max(m, std::abs(static_cast<double>(p[i])));
-          for (int64_t l = 0; l < L; ++l) m = std::max(m, static_cast<double>(lane[l]));
-          return m;
+            for (int64_t l = 0; l < L; ++l) {
+              lane[l] = std::max(lane[l], std::abs(p[i + l]));
+              bad[l] += p[i + l] - p[i + l];
+            }
+          for (; i < e * d; ++i) {
+            a.first = std::max(a.first, std::abs(static_cast<double>(p[i])));
+            a.second += static_cast<double>(p[i]) - static_cast<double>(p[i]);
+          }
+          for (int64_t l = 0; l < L; ++l) {
+            a.first = std::max(a.first, static_cast<double>(lane[l]));
+            a.second += static_cast<double>(bad[l]);
+          }
+          return a;
         },
-        [](double a, double b) { return std::max(a, b); });
+        [](Acc a, Acc b) { return Acc{std::max(a.first, b.first), a.second + b.second}; });
   };
-  const double m = std::max(max_abs(x, Q), max_abs(y, N));
+  const Acc sx = scan(x, Q), sy = scan(y, N);
+  TORCH_CHECK(sx.second == 0.0 && sy.second == 0.0 && std::isfinite(sx.first) && std::isfinite(sy.first),
+              "knn_topk: queries and refs must be finite (found NaN or inf)");
+  const double m = std::max(sx.first, sy.first);
   if (m == 0.0 || (m >= std::ldexp(1.0, -32) && m < std::ldexp(1.0, 32))) return 0;
   return -std::ilogb(m);
 }

@@ -40,7 +40,8 @@
 
 #include <math_constants.h>
 
-#include "../knn.h"
+#include "common/matmul_precision.h"
+#include "knn/knn.h"
 
 #include <cfloat>
 #include <cmath>
@@ -479,9 +480,22 @@ float_fuse_kernel(const T* __restrict__ dot, int64_t ld, const double* __restric
   if (lane < k) hst[lane] = hv[0];
 }
 
+// ||x - y||^2 by direct differences in float64, summed in feature order without
+// contraction into fma: bit for bit what the CPU path computes, so both devices
+// return the same indices even where distances tie to the last bit.
+template <typename T>
+__device__ __forceinline__ double exact_sqdist(const T* __restrict__ x, const T* __restrict__ y, int64_t d) {
+  double acc = 0.0;
+  for (int64_t i = 0; i < d; ++i) {
+    const double df = static_cast<double>(x[i]) - static_cast<double>(y[i]);
+    acc = __dadd_rn(acc, __dmul_rn(df, df));
+  }
+  return acc;
+}
+
 // One block per query.  Decides whether the query is verified and, if so,
 // computes exact float64 distances (direct differences) of its candidates
-// with lo <= U.  Unused slots get (+inf, INT64_MAX).
+// with lo <= U, one thread per candidate.  Unused slots get (+inf, INT64_MAX).
 template <typename T, int LPL>
 __global__ void __launch_bounds__(128)
 float_rerank_kernel(const T* __restrict__ X, const T* __restrict__ Y, int64_t d,
@@ -491,9 +505,6 @@ float_rerank_kernel(const T* __restrict__ X, const T* __restrict__ Y, int64_t d,
   constexpr int L = 32 * LPL;
   constexpr int C = L - 1;
   const int64_t q = blockIdx.x;
-  const int warp = threadIdx.x >> 5;
-  const int lane = threadIdx.x & 31;
-  const int nwarps = blockDim.x >> 5;
   const uint64_t mask = (1ull << shift) - 1ull;
 
   const uint64_t u_part = hi_state[q * k + (k - 1)] >> shift;
@@ -502,34 +513,23 @@ float_rerank_kernel(const T* __restrict__ X, const T* __restrict__ Y, int64_t d,
   if (threadIdx.x == 0) verified[q] = ok ? 1 : 0;
 
   const T* x = X + q * d;
-  for (int c = warp; c < C; c += nwarps) {
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
     const uint64_t key = lo_state[q * L + c];
     const bool use = ok && key != kKeyMax && (key >> shift) <= u_part;
     double s = CUDART_INF;
     int64_t idx = INT64_MAX;
-    if (use) {  // warp uniform
-      const int64_t j = static_cast<int64_t>(key & mask);
-      const T* y = Y + j * d;
-      double acc = 0.0;
-      for (int64_t i = lane; i < d; i += 32) {
-        const double df = static_cast<double>(x[i]) - static_cast<double>(y[i]);
-        acc = fma(df, df, acc);
-      }
-#pragma unroll
-      for (int o = 16; o >= 1; o >>= 1) acc += __shfl_xor_sync(kFullMask, acc, o);
-      s = acc;
-      idx = j;
+    if (use) {
+      idx = static_cast<int64_t>(key & mask);
+      s = exact_sqdist(x, Y + idx * d, d);
     }
-    if (lane == 0) {
-      cand_d[q * C + c] = s;
-      cand_i[q * C + c] = idx;
-    }
+    cand_d[q * C + c] = s;
+    cand_i[q * C + c] = idx;
   }
 }
 
 // Exact float64 distances out[i, j] = sum_c (x_i - y_j)^2 (direct
-// differences) for a block of queries and refs.  64 x 64 outputs per block,
-// 16 x 16 threads, 4 x 4 outputs per thread.
+// differences, summed in feature order as exact_sqdist) for a block of queries
+// and refs.  64 x 64 outputs per block, 16 x 16 threads, 4 x 4 outputs per thread.
 constexpr int kEdTile = 64;
 constexpr int kEdK = 16;
 
@@ -575,7 +575,7 @@ exact_dist_kernel(const T* __restrict__ X, int64_t nq, const T* __restrict__ Y, 
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const double df = xv[i] - yv[j];
-          acc[i][j] = fma(df, df, acc[i][j]);
+          acc[i][j] = __dadd_rn(acc[i][j], __dmul_rn(df, df));
         }
     }
     __syncthreads();
@@ -598,49 +598,9 @@ exact_dist_kernel(const T* __restrict__ X, int64_t nq, const T* __restrict__ Y, 
 
 inline unsigned grid_for_rows(int64_t rows) {
   const int64_t b = ceil_div(rows, kWarpsPerBlock);
-  TORCH_CHECK(b <= std::numeric_limits<int>::max(), "knn_topk: too many rows");
+  TORCH_CHECK(b <= std::numeric_limits<int>::max(), "knn_topk: too many rows for one launch (", rows, ")");
   return static_cast<unsigned>(b);
 }
-
-// Disable TF32 for float32 cuBLAS matmuls for the lifetime of the object and restore
-// the user's setting after. Only the legacy calls (allowTF32CuBLAS, float32MatmulPrecision),
-// which every supported torch has, are used. Since torch 2.9 they throw when the legacy
-// and the per-backend APIs were mixed (e.g. only torch.backends.cuda.matmul.fp32_precision
-// = "tf32" was set); TF32 is then taken to be on. By default TF32 is off and nothing is
-// touched. The thread-local NoTF32Guard covers cuBLAS; the global flag also covers
-// cuBLASLt, which ignores the guard.
-class FullPrecisionMatmulGuard {
- public:
-  FullPrecisionMatmulGuard() {
-    auto& ctx = at::globalContext();
-    bool tf32 = true;
-    try {
-      tf32 = ctx.allowTF32CuBLAS();
-    } catch (const c10::Error&) {
-    }
-    if (tf32) {
-      try {
-        medium_ = ctx.float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM;
-      } catch (const c10::Error&) {
-      }
-      ctx.setAllowTF32CuBLAS(false);
-      restore_ = true;
-    }
-  }
-  ~FullPrecisionMatmulGuard() {
-    if (!restore_) return;
-    auto& ctx = at::globalContext();
-    ctx.setAllowTF32CuBLAS(true);
-    if (medium_) ctx.setFloat32MatmulPrecision("medium");  // "high" would lose its bf16 CPU half
-  }
-  FullPrecisionMatmulGuard(const FullPrecisionMatmulGuard&) = delete;
-  FullPrecisionMatmulGuard& operator=(const FullPrecisionMatmulGuard&) = delete;
-
- private:
-  at::NoTF32Guard no_tf32_;  // thread-local override, honoured by cuBLAS handles
-  bool restore_ = false;
-  bool medium_ = false;
-};
 
 // ---------------------------------------------------------------------------
 // uint8 path
@@ -807,8 +767,12 @@ std::tuple<at::Tensor, at::Tensor> brute_force_exact(const at::Tensor& Xu, const
   return {out_d, out_i};
 }
 
-template <typename T, int LPL>
-std::tuple<at::Tensor, at::Tensor> topk_float_impl(const at::Tensor& X, const at::Tensor& Y,
+// The screen runs on Xs, Ys (element type S: the input, or float64 copies scaled by a
+// power of two); the exact re-rank and the brute force on the input X, Y (type T), so
+// that distances are those of the rows given, with the same rounding as on the CPU.
+template <typename S, typename T, int LPL>
+std::tuple<at::Tensor, at::Tensor> topk_float_impl(const at::Tensor& Xs, const at::Tensor& Ys,
+                                                   const at::Tensor& X, const at::Tensor& Y,
                                                    int64_t k) {
   constexpr int L = 32 * LPL;
   constexpr int C = L - 1;
@@ -816,6 +780,7 @@ std::tuple<at::Tensor, at::Tensor> topk_float_impl(const at::Tensor& X, const at
   const int64_t N = Y.size(0);
   const int64_t d = X.size(1);
   const int shift = index_bits(N);
+  TORCH_CHECK(Q <= std::numeric_limits<int>::max(), "knn_topk: too many queries for the float path (", Q, ")");
   TORCH_CHECK(shift <= 31, "knn_topk: too many refs for the float path (N must be <= 2^31)");
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto dopt = X.options().dtype(at::kDouble);
@@ -824,11 +789,11 @@ std::tuple<at::Tensor, at::Tensor> topk_float_impl(const at::Tensor& X, const at
   // Norms in float64.
   at::Tensor nx = at::empty({Q}, dopt);
   at::Tensor ny = at::empty({N}, dopt);
-  row_sqnorm_kernel<T><<<grid_for_rows(Q), kWarpsPerBlock * 32, 0, stream>>>(
-      X.data_ptr<T>(), Q, d, nx.data_ptr<double>());
+  row_sqnorm_kernel<S><<<grid_for_rows(Q), kWarpsPerBlock * 32, 0, stream>>>(
+      Xs.data_ptr<S>(), Q, d, nx.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  row_sqnorm_kernel<T><<<grid_for_rows(N), kWarpsPerBlock * 32, 0, stream>>>(
-      Y.data_ptr<T>(), N, d, ny.data_ptr<double>());
+  row_sqnorm_kernel<S><<<grid_for_rows(N), kWarpsPerBlock * 32, 0, stream>>>(
+      Ys.data_ptr<S>(), N, d, ny.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor xn = at::sqrt(nx);
   at::Tensor yn = at::sqrt(ny);
@@ -838,14 +803,14 @@ std::tuple<at::Tensor, at::Tensor> topk_float_impl(const at::Tensor& X, const at
   //   float64 errors of nx, ny, a = nx + ny - 2 dot~: <= g64 * (nx + ny)
   //   flushed / underflowed operands: c3 * (||x|| + ||y||) + c4
   //   everything x 1.25 for the rounding of the bound itself.
-  const double u = std::is_same<T, float>::value ? std::ldexp(1.0, -24) : std::ldexp(1.0, -53);
+  const double u = std::is_same<S, float>::value ? std::ldexp(1.0, -24) : std::ldexp(1.0, -53);
   const double u64 = std::ldexp(1.0, -53);
   const double dd = static_cast<double>(d);
   const double du = dd * u;
   const double g = du < 0.5 ? du / (1.0 - du) : std::numeric_limits<double>::infinity();
   const double du64 = (dd + 3.0) * u64;
   const double g64 = du64 < 0.5 ? du64 / (1.0 - du64) : std::numeric_limits<double>::infinity();
-  const double tmin = std::is_same<T, float>::value ? static_cast<double>(FLT_MIN) : DBL_MIN;
+  const double tmin = std::is_same<S, float>::value ? static_cast<double>(FLT_MIN) : DBL_MIN;
   const double c1 = 1.25 * 2.0 * g;
   const double c2 = 1.25 * g64;
   const double c3 = 1.25 * 2.0 * tmin * std::sqrt(dd);
@@ -856,22 +821,22 @@ std::tuple<at::Tensor, at::Tensor> topk_float_impl(const at::Tensor& X, const at
   uint64_t* lo_ptr = reinterpret_cast<uint64_t*>(lo_state.data_ptr<int64_t>());
   uint64_t* hi_ptr = reinterpret_cast<uint64_t*>(hi_state.data_ptr<int64_t>());
 
-  const int64_t default_nt = std::is_same<T, float>::value ? kDefaultTileN : kDefaultTileN / 2;
+  const int64_t default_nt = std::is_same<S, float>::value ? kDefaultTileN : kDefaultTileN / 2;
   const int64_t Qt = std::min<int64_t>(env_int("DIFFMEM_KNN_TILE_Q", kDefaultTileQ), Q);
   const int64_t Nt = std::min<int64_t>(env_int("DIFFMEM_KNN_TILE_N", default_nt), N);
 
   {
-    FullPrecisionMatmulGuard precision_guard;
-    at::Tensor dotbuf = at::empty({Qt * Nt}, X.options());
+    common::FullPrecisionMatmulGuard precision_guard;
+    at::Tensor dotbuf = at::empty({Qt * Nt}, Xs.options());
     for (int64_t col0 = 0; col0 < N; col0 += Nt) {
       const int64_t nc = std::min<int64_t>(Nt, N - col0);
-      at::Tensor Yt = Y.narrow(0, col0, nc);
+      at::Tensor Yt = Ys.narrow(0, col0, nc);
       for (int64_t q0 = 0; q0 < Q; q0 += Qt) {
         const int64_t qr = std::min<int64_t>(Qt, Q - q0);
         at::Tensor Cv = dotbuf.narrow(0, 0, qr * nc).view({qr, nc});
-        at::mm_out(Cv, X.narrow(0, q0, qr), Yt.t());
-        float_fuse_kernel<T, LPL><<<grid_for_rows(qr), kWarpsPerBlock * 32, 0, stream>>>(
-            Cv.data_ptr<T>(), nc, nx.data_ptr<double>(), xn.data_ptr<double>(),
+        at::mm_out(Cv, Xs.narrow(0, q0, qr), Yt.t());
+        float_fuse_kernel<S, LPL><<<grid_for_rows(qr), kWarpsPerBlock * 32, 0, stream>>>(
+            Cv.data_ptr<S>(), nc, nx.data_ptr<double>(), xn.data_ptr<double>(),
             ny.data_ptr<double>(), yn.data_ptr<double>(), q0, static_cast<int>(qr), col0,
             static_cast<int>(nc), static_cast<int>(k), shift, c1, c2, c3, c4, lo_ptr, hi_ptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -884,7 +849,6 @@ std::tuple<at::Tensor, at::Tensor> topk_float_impl(const at::Tensor& X, const at
   at::Tensor cand_d = at::empty({Q, C}, dopt);
   at::Tensor cand_i = at::empty({Q, C}, lopt);
   at::Tensor verified = at::empty({Q}, X.options().dtype(at::kByte));
-  TORCH_CHECK(Q <= std::numeric_limits<int>::max(), "knn_topk: too many queries");
   float_rerank_kernel<T, LPL><<<static_cast<unsigned>(Q), 128, 0, stream>>>(
       X.data_ptr<T>(), Y.data_ptr<T>(), d, lo_ptr, hi_ptr, static_cast<int>(k), shift,
       force_fallback, cand_d.data_ptr<double>(), cand_i.data_ptr<int64_t>(),
@@ -898,8 +862,10 @@ std::tuple<at::Tensor, at::Tensor> topk_float_impl(const at::Tensor& X, const at
   at::Tensor out_d = sd.narrow(1, 0, k).contiguous();
   at::Tensor out_i = si.gather(1, p2.narrow(1, 0, k)).contiguous();
 
-  // Unverified queries (many near ties): exact brute force.
-  at::Tensor uq = at::nonzero(verified == 0).view({-1});
+  // Unverified queries (many near ties), and queries whose k-th distance overflows
+  // float64 (the screen ranks by true distances; a float64 brute force sees ties at
+  // inf, broken by index): exact brute force.
+  at::Tensor uq = at::nonzero((verified == 0).logical_or(out_d.select(1, k - 1).isinf())).view({-1});
   if (uq.numel() > 0) {
     at::Tensor Xu = X.index_select(0, uq).contiguous();
     auto [bd, bi] = brute_force_exact<T>(Xu, Y, k);
@@ -909,12 +875,13 @@ std::tuple<at::Tensor, at::Tensor> topk_float_impl(const at::Tensor& X, const at
   return {out_d, out_i};
 }
 
-template <typename T>
-std::tuple<at::Tensor, at::Tensor> topk_float_unscaled(const at::Tensor& X, const at::Tensor& Y,
+template <typename S, typename T>
+std::tuple<at::Tensor, at::Tensor> topk_float_screened(const at::Tensor& Xs, const at::Tensor& Ys,
+                                                       const at::Tensor& X, const at::Tensor& Y,
                                                        int64_t k) {
   // L = max(64, 4k) rounded to a power of two: C = L - 1 candidates.
-  if (k <= 16) return topk_float_impl<T, 2>(X, Y, k);
-  return topk_float_impl<T, 4>(X, Y, k);
+  if (k <= 16) return topk_float_impl<S, T, 2>(Xs, Ys, X, Y, k);
+  return topk_float_impl<S, T, 4>(Xs, Ys, X, Y, k);
 }
 
 // v * 2^shift, in steps of at most 2^1000 (2^shift itself may not be a double).
@@ -927,27 +894,30 @@ at::Tensor& scale_by_power_of_two(at::Tensor& v, int shift) {
   return v;
 }
 
-// Rows whose largest |value| 2^e lies outside [2^-32, 2^32] (where the GEMM's products
-// would overflow or underflow) are searched as float64 copies scaled by 2^-e: exact for
-// float32 rows, and a power of two keeps the order of distances; the squared distances
-// are scaled back.
+// When the largest |value| 2^e of the rows lies outside the range where the GEMM's
+// products neither overflow nor underflow ([2^-32, 2^32) for float32, [2^-480, 2^480)
+// for float64), the screen runs on float64 copies scaled by 2^-e: a power of two keeps
+// the order of distances, and elements that underflow in the copies are covered by the
+// bound's subnormal terms. The re-rank uses the rows as given.
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> topk_float(const at::Tensor& X, const at::Tensor& Y,
                                               int64_t k) {
-  auto max_abs = [](const at::Tensor& v) {
-    auto [lo, hi] = at::aminmax(v);
-    return std::max(-lo.item<double>(), hi.item<double>());
-  };
-  const double m = std::max(max_abs(X), max_abs(Y));
-  if (m == 0.0 || (m >= std::ldexp(1.0, -32) && m < std::ldexp(1.0, 32))) return topk_float_unscaled<T>(X, Y, k);
+  auto [xlo, xhi] = at::aminmax(X);
+  auto [ylo, yhi] = at::aminmax(Y);
+  const at::Tensor ext = at::stack({xlo, xhi, ylo, yhi}).to(at::kDouble).cpu();  // one sync
+  const double* e = ext.const_data_ptr<double>();
+  TORCH_CHECK(std::isfinite(e[0]) && std::isfinite(e[1]) && std::isfinite(e[2]) && std::isfinite(e[3]),
+              "knn_topk: queries and refs must be finite (found NaN or inf)");
+  const double m = std::max({-e[0], e[1], -e[2], e[3]});
+  const int range = std::is_same<T, float>::value ? 32 : 480;
+  if (m == 0.0 || (m >= std::ldexp(1.0, -range) && m < std::ldexp(1.0, range)))
+    return topk_float_screened<T, T>(X, Y, X, Y, k);
   const int shift = -std::ilogb(m);
   at::Tensor Xs = X.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
   at::Tensor Ys = Y.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
   scale_by_power_of_two(Xs, shift);
   scale_by_power_of_two(Ys, shift);
-  auto [d, i] = topk_float_unscaled<double>(Xs, Ys, k);
-  scale_by_power_of_two(d, -2 * shift);
-  return {d, i};
+  return topk_float_screened<double, T>(Xs, Ys, X, Y, k);
 }
 
 }  // namespace
