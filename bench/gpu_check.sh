@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # One-command GPU check for an H100/H200 session: build, CUDA tests, benchmarks.
 #
-#     run(command="bash bench/gpu_check.sh", carry=["carry/prebuilt"], timeout_s=600)  # BUDGET_S=560 inside
+#     run(command="DIFFMEM_GIT_COMMIT=<sha> DIFFMEM_GIT_DIRTY=0 bash bench/gpu_check.sh",
+#         carry=["carry/prebuilt"], timeout_s=600)  # BUDGET_S=560 inside
+#
+# DIFFMEM_GIT_*: the commit the records come from (git rev-parse HEAD here), in case the
+# copied tree arrives without its git history (bench/machine.py reads them then).
 #
 # carry/prebuilt: the extension built here for the machine's torch (bench/prebuilt.py pack);
 # without it, or where it does not fit, the build step compiles there.
 #
 # A drawn task has 15 minutes of device time in all (the machine's start, 1-2 min,
 # included), so the steps are ordered by what they can settle: issue 2 (kNN) first, then
-# issue 3 (training throughput), then issue 5 (optimal denoiser, which also needs its own
-# 50,000-image session, bench/gpu_optimal_full.sh, so it is last here). Estimated times are
-# guesses until a first run; the caps bound them:
+# issue 5 (optimal denoiser: its tests and benchmark; the 50,000-image run is a session of
+# its own, bench/gpu_optimal_full.sh), then issue 3 (training throughput, whose two
+# torch.compile builds may take minutes). Estimated times are guesses until a first run;
+# the caps bound them (the sum is over the budget on purpose: a fast step leaves its time
+# to the next):
 #   info          nvidia-smi, python, torch, nvcc                               (cap  20 s)
 #   build         the carried carry/prebuilt build where it fits (bench/prebuilt.py install:
 #                 same torch, same sources, loads with CUDA), else
@@ -23,16 +29,18 @@
 #   test_knn      pytest tests/test_knn_cuda.py -q                               (cap  90 s)
 #   bench_knn     python bench/knn.py --device cuda --dtype uint8 --methods
 #                 diffmem,bare_gemm_int8,cdist_topk with DIFFMEM_CUDA_KNN=1 (the CUDA
-#                 kernel) when test_knn passed, else the default dispatch        (cap 150 s)
-#   bench_train   python bench/train_throughput.py --device cuda --compile-limit 90 (cap 240 s)
+#                 kernel) when test_knn passed, else the default dispatch        (cap 120 s)
 #   test_optimal  pytest tests/test_optimal_cuda.py -q: the default dispatch and the
 #                 op's CUDA kernel (tensor-core streaming, diffmem/optimal_stream.py;
 #                 torch.compile of its stages on first use)                     (cap 150 s)
 #   bench_optimal DIFFMEM_CUDA_OPTIMAL=1 python bench/optimal.py --device cuda --data random
 #                 --floors float16 --sigmas 0.002,1,5,80 --repeat 3 (CIFAR-10's 50,000 rows
-#                 do not travel with the tree; random rows, and the record says so) (cap 150 s)
+#                 do not travel with the tree; random rows, and the record says so) (cap 120 s)
+#   bench_train   python bench/train_throughput.py --device cuda --warmup 3 --steps 20
+#                 --compile-limit 90: fp32 eager (the reference recipe), its compiled form,
+#                 bf16 channels-last, eager and compiled (partial record after each) (cap 240 s)
 #   tuning        python bench/gpu_tuning.py --device cuda: kNN tiles (when test_knn passed)
-#                 and optimal chunk sizes against their floors, for the defaults   (cap  90 s)
+#                 and optimal chunk sizes against their floors, for the defaults   (cap  60 s)
 # Each step runs under `timeout` with min(its cap, the time left of BUDGET_S); one that
 # fails or times out does not stop the others; a step is skipped when less than 15 s are
 # left. Benchmarks write partial JSON records as they go ("complete": false).
@@ -70,7 +78,11 @@ declare -A RC
 
 {
     echo "gpu_check.sh  $(date -u +%Y-%m-%dT%H:%M:%SZ)  budget ${BUDGET_S}s"
-    echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)  dirty: $(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) files"
+    if git rev-parse HEAD >/dev/null 2>&1; then
+        echo "commit $(git rev-parse HEAD)  dirty: $(git status --porcelain --untracked-files=no -- . ':(exclude)bench/results' | wc -l) files"
+    else
+        echo "commit ${DIFFMEM_GIT_COMMIT:-unknown} (no git history here: from DIFFMEM_GIT_COMMIT)  dirty: ${DIFFMEM_GIT_DIRTY:-unknown}"
+    fi
     printf '%-14s %5s %7s  %s\n' step rc seconds status
 } >"$SUMMARY"
 
@@ -199,22 +211,23 @@ if [ -z "$CUDA_KNN" ]; then
     if [ "${RC[test_knn]:-x}" = 0 ]; then CUDA_KNN=1; else CUDA_KNN=0; fi
 fi
 echo "(bench_knn runs with DIFFMEM_CUDA_KNN=$CUDA_KNN)" >>"$SUMMARY"
-run_step bench_knn 150 env DIFFMEM_CUDA_KNN="$CUDA_KNN" "$PYTHON" bench/knn.py --device cuda --dtype uint8 \
+run_step bench_knn 120 env DIFFMEM_CUDA_KNN="$CUDA_KNN" "$PYTHON" bench/knn.py --device cuda --dtype uint8 \
     --methods diffmem,bare_gemm_int8,cdist_topk
-run_step bench_train 240 "$PYTHON" bench/train_throughput.py --device cuda --compile-limit 90
 run_step test_optimal 150 "$PYTHON" -m pytest tests/test_optimal_cuda.py -q -rs -p no:cacheprovider --durations=10
 echo "(bench_optimal runs with DIFFMEM_CUDA_OPTIMAL=${GPU_CHECK_CUDA_OPTIMAL:-1})" >>"$SUMMARY"
-run_step bench_optimal 150 env DIFFMEM_CUDA_OPTIMAL="${GPU_CHECK_CUDA_OPTIMAL:-1}" "$PYTHON" bench/optimal.py \
+run_step bench_optimal 120 env DIFFMEM_CUDA_OPTIMAL="${GPU_CHECK_CUDA_OPTIMAL:-1}" "$PYTHON" bench/optimal.py \
     --device cuda --data random --floors float16 --sigmas 0.002,1,5,80 --repeat 3
+run_step bench_train 240 "$PYTHON" bench/train_throughput.py --device cuda --warmup 3 --steps 20 --compile-limit 90 \
+    --variants fp32_eager,bf16_channels_last,fp32_compile,bf16_channels_last_compile
 # tile and chunk sizes of both kernels against their floors (the kNN part needs its tests passed)
 TUNE_PARTS=optimal
 [ "$CUDA_KNN" = 1 ] && TUNE_PARTS=knn,optimal
-run_step tuning 90 "$PYTHON" bench/gpu_tuning.py --device cuda --parts "$TUNE_PARTS"
+run_step tuning 60 "$PYTHON" bench/gpu_tuning.py --device cuda --parts "$TUNE_PARTS"
 
 # ---- collect ---------------------------------------------------------------------------
 {
     echo "total $(($(date +%s) - START)) s"
-    for step in bench_knn bench_train bench_optimal tuning; do
+    for step in bench_knn bench_optimal bench_train tuning; do
         [ -f "$LOGS/$step.log" ] || continue
         echo
         echo "---- $step: last lines ----"

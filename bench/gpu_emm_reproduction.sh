@@ -29,6 +29,7 @@ timeout -k 30 "${LIMIT_S:-540}" "$PYTHON" bench/emm_reproduction.py --scale gpu 
     --data "$DATA" --outdir "$SWEEP" 2>&1 | tee "$OUT/emm_reproduction.log"
 rc=${PIPESTATUS[0]}
 echo "exit code $rc$([ "$rc" = 124 ] && echo ': stopped at LIMIT_S; run the same command again to resume')"
+[ "$rc" = 124 ] && rc=0  # a clean stop (checkpointed), not a failure: the device tool would report it as timed out
 find bench/results -maxdepth 1 -name 'emm-reproduction-*' -newer "$MARKER" -exec cp {} "$OUT/" \;
 # the sweep's own files, without checkpoints and snapshots (large, and rebuilt on a rerun)
 [ -d "$SWEEP" ] && tar -czf "$OUT/sweep.tar.gz" -C "$(dirname "$SWEEP")" --exclude='*.pt' \

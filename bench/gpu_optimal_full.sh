@@ -6,26 +6,32 @@
 #
 #     python bench/carry_data.py split ../shared/data/cifar10-train.npz --parts 3
 #
-# then make three device calls, each at once after the last, each with one part and one stage:
+# then, in a session of its own (gpu_check.sh first verifies the kernel, in another
+# session), three device calls, each at once after the last (30 s idle gives the machine
+# back, data-cache/ with it):
 #
-#     run(command="bash bench/gpu_optimal_full.sh tests", carry=["carry/cifar10-train.part1of3.npz"], timeout_s=420)
-#     run(command="bash bench/gpu_optimal_full.sh bench", carry=["carry/cifar10-train.part2of3.npz"], timeout_s=300)
-#     run(command="bash bench/gpu_optimal_full.sh full",  carry=["carry/cifar10-train.part3of3.npz"], timeout_s=600)
+#     run(command="bash bench/gpu_optimal_full.sh gather", carry=["carry/cifar10-train.part1of3.npz", "carry/prebuilt"], timeout_s=120)
+#     run(command="bash bench/gpu_optimal_full.sh gather", carry=["carry/cifar10-train.part2of3.npz"], timeout_s=60)
+#     run(command="RUN_LIMIT_S=<T-30> bash bench/gpu_optimal_full.sh full", carry=["carry/cifar10-train.part3of3.npz"], timeout_s=<T>)
 #
-# Every call stashes its part in data-cache/ (bench/carry_data.py gather) and builds the
-# extension if it is not built yet (CPU kernels only: the op's CUDA kernel is Python,
-# diffmem/optimal_stream.py), then runs its stage, so the calls that wait for data do the
-# kernel's checks meanwhile:
-#   tests  pytest tests/test_optimal_cuda.py (the CUDA kernel forced on in its cases)
-#   bench  DIFFMEM_CUDA_OPTIMAL=1 bench/optimal.py --device cuda (B=512, N=50,000, random rows,
-#          4 sigmas, the float16 floor; as gpu_check.sh's bench_optimal)
-#   full   joins and verifies the parts, samples SAMPLES images (default 10,000, seeds 0..9999,
-#          Heun 18 steps, batch 512) with the CUDA kernel (float32 queries) and scores them
-#          against all 50,000 training images
+# with T = budget_left_s from `status` minus about 30 s (the machine's start, 1-2 min, is
+# spent by then). Every call stashes its part in data-cache/ (bench/carry_data.py gather);
+# the first also installs the carried build (bench/prebuilt.py; else a CPU-only build, as
+# the op's CUDA kernel is Python, diffmem/optimal_stream.py). Stages:
+#   gather  only that
+#   tests   pytest tests/test_optimal_cuda.py (the CUDA kernel forced on in its cases)
+#   bench   DIFFMEM_CUDA_OPTIMAL=1 bench/optimal.py --device cuda (B=512, N=50,000, random rows,
+#           4 sigmas, the float16 floor; as gpu_check.sh's bench_optimal)
+#   full    joins and verifies the parts, samples SAMPLES images (default 1,000, seeds 0..999,
+#           Heun 18 steps, batch 512) with the CUDA kernel (float32 queries) and scores them
+#           against all 50,000 training images. From bench/optimal_work.py's counts (about
+#           2.5 float16 GEMMs of B x N x d per evaluation), 1,000 samples are ~1 minute of
+#           GEMMs on an H100 and 10,000 ~8 minutes: more than one call.
 # Records in $OUT: optimal-*.json (bench), optimal-memorization-<gpu>-50k.{json,png} (full);
 # copy them into bench/results/.
 #
-# Knobs: SAMPLES (10000), RUN_LIMIT_S (480, the stage's own timeout), PYTHON (python3).
+# Knobs: SAMPLES (1000), RUN_LIMIT_S (the stage's own timeout; default 400, below the
+# calls' timeout_s so that the script reports the exit code itself), PYTHON (python3).
 
 set -u
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
@@ -44,22 +50,27 @@ if ! "$PYTHON" -c "import diffmem._C" 2>/dev/null; then
 fi
 "$PYTHON" -c "import diffmem._native as n; print('native extension:', n.AVAILABLE, n.LOAD_ERROR or '')"
 STAGE="${1:-full}"
-LIMIT="${RUN_LIMIT_S:-480}"
+LIMIT="${RUN_LIMIT_S:-400}"
 case "$STAGE" in
+    gather)
+        [ -f data-cache/cifar10-train.npz ] && echo "all parts are here: next, the full stage"
+        exit 0 ;;
     tests)
         timeout -k 10 "$LIMIT" "$PYTHON" -m pytest tests/test_optimal_cuda.py -q -rs -s -p no:cacheprovider \
             --durations=10 --junitxml="$OUT/test_optimal_cuda.xml"
-        echo "exit code $?"
-        exit 0 ;;
+        rc=$?
+        echo "exit code $rc"
+        exit "$rc" ;;
     bench)
         MARK="$(mktemp)"
         DIFFMEM_CUDA_OPTIMAL=1 timeout -k 10 "$LIMIT" "$PYTHON" bench/optimal.py --device cuda --data random \
             --floors float16 --sigmas 0.002,1,5,80 --repeat 3
-        echo "exit code $?"
+        rc=$?
+        echo "exit code $rc"
         find bench/results -maxdepth 1 -name 'optimal-*.json' -newer "$MARK" -exec cp {} "$OUT/" \;
-        exit 0 ;;
+        exit "$rc" ;;
     full) ;;
-    *) echo "unknown stage '$STAGE': tests, bench or full"; exit 2 ;;
+    *) echo "unknown stage '$STAGE': gather, tests, bench or full"; exit 2 ;;
 esac
 
 DATA="data-cache/cifar10-train.npz"
@@ -68,8 +79,10 @@ if [ ! -f "$DATA" ]; then
     exit 0
 fi
 GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))" 2>/dev/null || echo unknown-gpu)
-echo "=== optimal denoiser on all of CIFAR-10, ${SAMPLES:-10000} samples, $GPU"
+echo "=== optimal denoiser on all of CIFAR-10, ${SAMPLES:-1000} samples, $GPU"
 DIFFMEM_CUDA_OPTIMAL=1 timeout -k 10 "$LIMIT" "$PYTHON" bench/optimal_memorization.py \
-    --device cuda --precision float32 --data "$DATA" --size 50000 --samples "${SAMPLES:-10000}" \
+    --device cuda --precision float32 --data "$DATA" --size 50000 --samples "${SAMPLES:-1000}" \
     --sample-batch 512 --tikhonov 0 --held-out "" --json "$OUT/optimal-memorization-$GPU-50k.json"
-echo "exit code $?"
+rc=$?
+echo "exit code $rc"
+exit "$rc"

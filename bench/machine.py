@@ -1,6 +1,7 @@
 """Facts about the machine and software a benchmark ran on, for the JSON record."""
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -75,14 +76,19 @@ def _git(*args: str) -> str | None:
 
 
 def git_commit() -> str:
-    return _git("rev-parse", "HEAD") or "unknown"
+    """HEAD; where the checkout has no git history (a copied working tree, as on the GPU
+    machine), what DIFFMEM_GIT_COMMIT says, set in the command that copied it."""
+    return _git("rev-parse", "HEAD") or os.environ.get("DIFFMEM_GIT_COMMIT") or "unknown"
 
 
 def git_dirty() -> bool | None:
-    """True when the tree differs from the commit, so a result can't be tied to it exactly."""
+    """True when the tracked code differs from the commit, so a result can't be tied to it
+    exactly. bench/results/ does not count: a benchmark rewriting its own record there must
+    not mark the records written after it. Without git history: DIFFMEM_GIT_DIRTY (0/1)."""
     if _git("rev-parse", "HEAD") is None:  # no commit to differ from
-        return None
-    status = _git("status", "--porcelain", "--untracked-files=no")
+        flag = os.environ.get("DIFFMEM_GIT_DIRTY")
+        return None if flag not in ("0", "1") else flag == "1"
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
     return None if status is None else bool(status)
 
 

@@ -80,3 +80,39 @@ def test_the_tuning_script_runs_and_records_both_parts(tmp_path, monkeypatch):
     assert all(r["same_answer"] for r in record["knn"]["runs"])
     assert {r["chunk_rows"] for r in record["optimal"]["runs"]} == set(gpu_tuning.SMALL["chunks"])
     assert gpu_tuning.main(["--device", "cpu", "--small", "--parts", "bogus", "--json", str(out)]) == 2
+
+
+def _git(root, *args):
+    import subprocess
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=root, check=True,
+                   capture_output=True)
+
+
+def test_git_dirty_ignores_records_and_counts_code(tmp_path, monkeypatch):
+    # A benchmark that rewrites its own tracked record must not mark the records written
+    # after it as coming from a modified tree; a change to code must.
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "bench" / "results" / "r.json").write_text("{}\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "x")
+    monkeypatch.setattr(machine, "REPO_ROOT", tmp_path)
+    assert machine.git_dirty() is False
+    (tmp_path / "bench" / "results" / "r.json").write_text('{"new": 1}\n')
+    assert machine.git_dirty() is False
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert machine.git_dirty() is True
+
+
+def test_git_state_from_the_environment_without_history(tmp_path, monkeypatch):
+    # A working tree copied without .git (the GPU machine's): the command that copied it
+    # says which commit it is.
+    monkeypatch.setattr(machine, "REPO_ROOT", tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above either
+    monkeypatch.delenv("DIFFMEM_GIT_COMMIT", raising=False)
+    monkeypatch.delenv("DIFFMEM_GIT_DIRTY", raising=False)
+    assert machine.git_commit() == "unknown" and machine.git_dirty() is None
+    monkeypatch.setenv("DIFFMEM_GIT_COMMIT", "0123abc")
+    monkeypatch.setenv("DIFFMEM_GIT_DIRTY", "0")
+    assert machine.git_commit() == "0123abc" and machine.git_dirty() is False
