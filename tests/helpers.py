@@ -18,6 +18,20 @@ def brute_force_topk(x: torch.Tensor, y: torch.Tensor, k: int):
     return d[:, :k], i[:, :k]
 
 
+FLOAT64_RANGE_END_CASES = ["overflowing distances", "underflowing differences"]
+
+
+def float64_range_end_rows(case: str):
+    """(queries, refs) at the ends of the float64 range: squared distances that overflow to
+    inf (they tie, in index order, in a float64 brute force), and differences 300 orders of
+    magnitude below the values (which a screen's scaled copies flush to zero)."""
+    if case == "overflowing distances":
+        return (torch.tensor([[1e308], [0.0]], dtype=torch.float64),
+                torch.tensor([[-1e308], [-0.5e308], [1e308]], dtype=torch.float64))
+    return (torch.tensor([[1e300, 0.0]], dtype=torch.float64),
+            torch.tensor([[1e300, 3e-30], [1e300, 2e-30], [1e300, -4e-30]], dtype=torch.float64))
+
+
 def shared_data(name: str) -> pathlib.Path:
     path = SHARED_DATA / name
     if not path.exists():

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 import torch
-from helpers import brute_force_topk, matmul_precision_state, reset_matmul_precision
+from helpers import (FLOAT64_RANGE_END_CASES, brute_force_topk, float64_range_end_rows, matmul_precision_state,
+                     reset_matmul_precision)
 
 import diffmem
 from diffmem import knn
@@ -222,18 +223,12 @@ def test_float_extreme_magnitudes(backend, dtype, scale):
     torch.testing.assert_close(dist.double(), ref_d.sqrt(), rtol=1e-6, atol=atol)
 
 
-@pytest.mark.parametrize("case", ["overflowing distances", "underflowing differences"])
+@pytest.mark.parametrize("case", FLOAT64_RANGE_END_CASES)
 def test_float64_distances_at_the_ends_of_the_range(backend, case):
-    """float64 rows whose squared distances overflow to inf (they tie, in index order, as
-    in a float64 brute force; no empty slot is left with index -1), and rows whose small
-    differences sit 300 orders of magnitude below their values (the re-rank uses the rows
-    as given, not the scaled copies the screen multiplies, which flush them to zero)."""
-    if case == "overflowing distances":
-        x = torch.tensor([[1e308], [0.0]], dtype=torch.float64)
-        y = torch.tensor([[-1e308], [-0.5e308], [1e308]], dtype=torch.float64)
-    else:
-        x = torch.tensor([[1e300, 0.0]], dtype=torch.float64)
-        y = torch.tensor([[1e300, 3e-30], [1e300, 2e-30], [1e300, -4e-30]], dtype=torch.float64)
+    """Squared distances past the float64 range tie at inf, in index order, as in a float64
+    brute force (no empty slot is left with index -1); differences far below the values
+    survive (the re-rank uses the rows as given, not the screen's scaled copies)."""
+    x, y = float64_range_end_rows(case)
     for k in (1, 2, 3):
         dist, idx = knn.topk(x, y, k)
         ref_d, ref_i = brute_force_topk(x, y, k)

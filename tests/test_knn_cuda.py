@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import matmul_precision_state, reset_matmul_precision
+from helpers import FLOAT64_RANGE_END_CASES, float64_range_end_rows, matmul_precision_state, reset_matmul_precision
 
 if not torch.cuda.is_available():
     pytest.skip("CUDA is not available", allow_module_level=True)
@@ -250,17 +250,11 @@ def test_rejects_non_finite_input(dtype, bad):
         run(x, y, 2)
 
 
-@pytest.mark.parametrize("case", ["overflowing distances", "underflowing differences"])
+@pytest.mark.parametrize("case", FLOAT64_RANGE_END_CASES)
 def test_float64_distances_at_the_ends_of_the_range(case):
-    # Squared distances past the float64 range tie at inf, in index order; differences
-    # 300 orders of magnitude below the values survive (the re-rank uses the rows as
-    # given, not the scaled copies the screen multiplies).
-    if case == "overflowing distances":
-        x = torch.tensor([[1e308], [0.0]], dtype=torch.float64)
-        y = torch.tensor([[-1e308], [-0.5e308], [1e308]], dtype=torch.float64)
-    else:
-        x = torch.tensor([[1e300, 0.0]], dtype=torch.float64)
-        y = torch.tensor([[1e300, 3e-30], [1e300, 2e-30], [1e300, -4e-30]], dtype=torch.float64)
+    # Squared distances past the float64 range tie at inf, in index order; differences far
+    # below the values survive (the re-rank uses the rows as given, not the scaled copies).
+    x, y = float64_range_end_rows(case)
     for k in (1, 2, 3):
         d, i = run(x, y, k)
         rd, ri = reference_topk(x, y, k)
