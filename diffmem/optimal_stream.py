@@ -31,9 +31,15 @@ tensor cores' fast path), which is why a logit needs care:
     the blocked tier leaves at most a few percent of items to direct differences at every
     sigma, so the float64 GEMM is a safety net.
   * Weights exp(l - max) in [0, 1] are scaled by 2^15 before rounding to float16 (so
-    nothing that matters underflows) and the sum of the *rounded* weights is the
-    denominator: D is an exact convex combination of slightly perturbed weights (relative
-    perturbation <= 2^-11 each), so its error stays far below the 5e-4 budget in practice.
+    nothing that matters underflows) and the sum of the weights as multiplied is the
+    denominator: D is an exact convex combination of perturbed weights. A float16 weight
+    errs by up to 2^-11 of itself, which moves D by up to 2^-11 max ||y_n - D|| when the
+    errors align (few items carrying the weight, or duplicates): as much as the whole
+    5e-4 budget. So the rounding residuals w_lo of the items that hold at least 1/1024 of
+    some query's weight so far are multiplied too (one more product, over those columns
+    only): their weights are then exact to 2^-22, and what the others can add up to is
+    2^-11 of their share, random in sign unless they are duplicates. The log-sum-exp
+    takes the sum of the exact (float64) weights.
     Where few weights of a chunk are nonzero (small sigma), the weighted sum multiplies
     only the rows some query weighs.
 The tensor-core products `mm_f16_f32`/`bmm_f16_f32` are torch.mm/bmm(..., out_dtype=float32) on CUDA; on the
@@ -73,6 +79,7 @@ U64 = 2.0**-53
 SPLIT = 2.0**-21  # |v - hi - lo| <= 2^-22 |v| per float16 split; doubled for the dropped lo.lo
 SPLIT_ONE = 2.0**-10  # |v - hi| <= 2^-11 |v| for one float16 term (x's), doubled; 2x more for split rows
 SPARSE_WEIGHTS = 256  # a chunk with under 1/256 of its weights nonzero multiplies only the rows they weigh
+HEAVY_SHARE = 1024  # items holding >= 1/1024 of a query's weight so far get their rounding residual added
 F16_MAX_SAFE = 2.0**14  # |x| is scaled by a power of two below this before the split
 # torch.mm/bmm(..., out_dtype=float32) on float16 CUDA operands came in torch 2.8; addmm
 # with a float32 accumulator in 2.10 (pytorch/pytorch#167931): before that, add after.
@@ -237,18 +244,23 @@ def chunk_logits_blocked(tb, t_rest, inc, t_scale, x_sum, nx, xn, ny, pn, m, inv
                         coh=coh, inc=inc, c_coh=math.sqrt(BLOCK_K), bound_coef=bound_coef)
 
 
-def chunk_weights(rel, ref, run_max, run_sum, acc):
+def chunk_weights(rel, ref, run_max, run_sum, run_exact, acc):
     """Online softmax step: the new running max, the chunk's weights exp(l - max) * 2^15
-    in float16, the running sum of the (rounded) weights and the accumulator rescaled to
-    the new max."""
+    in float16 and their rounding residuals (float16 too), which columns hold at least
+    1/HEAVY_SHARE of some query's weight so far, the running sums of the rounded and of the
+    exact weights, and the accumulator rescaled to the new max."""
     chunk_max = rel.amax(1, keepdim=True) + ref
     new_max = torch.maximum(run_max, chunk_max)
     safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
     factor = torch.where(torch.isfinite(run_max), torch.exp(run_max - safe_max), torch.zeros_like(run_max))
     shift = torch.where(torch.isfinite(ref), ref - safe_max, torch.zeros_like(ref))
-    w = (torch.exp(rel + shift) * WEIGHT_SCALE).to(torch.float16)
+    exact = torch.exp(rel + shift) * WEIGHT_SCALE
+    w = exact.to(torch.float16)
+    w_lo = (exact - w.double()).to(torch.float16)
     new_sum = run_sum * factor + w.double().sum(1, keepdim=True)
-    return new_max, w, new_sum, acc * factor.float()
+    new_exact = run_exact * factor + exact.sum(1, keepdim=True)
+    heavy = (exact * HEAVY_SHARE >= new_exact).any(0)
+    return new_max, w, w_lo, heavy, new_sum, new_exact, acc * factor.float()
 
 
 def weighted_sum(acc, w, hi, lo, n_kept: int):
@@ -263,6 +275,20 @@ def weighted_sum(acc, w, hi, lo, n_kept: int):
             lo = None if lo is None else lo.index_select(0, active)
     acc = mm_f16_f32(w, hi, acc)
     return acc if lo is None else mm_f16_f32(w, lo, acc)
+
+
+def add_weight_residuals(acc, run_sum, w_lo, heavy, hi, lo):
+    """acc + w_lo @ (hi + lo) over the heavy columns (all of them where that is most), and
+    the residuals added to the running sum: those items' weights are then exact to 2^-22."""
+    cols = torch.nonzero(heavy).squeeze(1)  # a host sync
+    if cols.numel() == 0:
+        return acc, run_sum
+    if cols.numel() * 2 < heavy.numel():
+        w_lo, hi = w_lo.index_select(1, cols), hi.index_select(0, cols)
+        lo = None if lo is None else lo.index_select(0, cols)
+    acc = mm_f16_f32(w_lo, hi, acc)
+    acc = acc if lo is None else mm_f16_f32(w_lo, lo, acc)
+    return acc, run_sum + w_lo.double().sum(1, keepdim=True)
 
 
 def pair_logits(x, rows, q, n, m, inv):
@@ -349,7 +375,8 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
     s_t, a_t, b_t, one, zero = scalars.unbind()
 
     run_max = torch.full((B, 1), -math.inf, dtype=torch.float64, device=dev)  # absolute logits
-    run_sum = torch.zeros((B, 1), dtype=torch.float64, device=dev)  # in WEIGHT_SCALE units
+    run_sum = torch.zeros((B, 1), dtype=torch.float64, device=dev)  # weights as multiplied, in WEIGHT_SCALE units
+    run_exact = torch.zeros_like(run_sum)  # the exact weights (the log-sum-exp's)
     acc = torch.zeros((B, d), dtype=torch.float32, device=dev)  # sum of rounded weights x p_n
 
     nb = -(-d // BLOCK_K)
@@ -435,14 +462,15 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
                 pairs = pairs_stage(x, chunk, qb.repeat(reps), nb_.repeat(reps), m, inv)
                 rel[qb, nb_] = pairs[: qb.shape[0]] - ref[qb, 0]
 
-        run_max, w, run_sum, acc = weights_stage(rel, ref, run_max, run_sum, acc)
+        run_max, w, w_lo, heavy, run_sum, run_exact, acc = weights_stage(rel, ref, run_max, run_sum, run_exact, acc)
         if n_kept:  # else every weight is zero: nothing to add
             acc = weighted_sum(acc, w, hi, lo, n_kept)
+            acc, run_sum = add_weight_residuals(acc, run_sum, w_lo, heavy, hi, lo)
         small.pop(n0, None)
         pending = following
 
     if not bool((run_sum > 0).all()):
         raise RuntimeError("optimal_denoise: a query has no training item to average over")
     D = rows.a * (acc.double() / run_sum) + rows.b  # y = a p + b, and the weights sum to one
-    lse = run_max + torch.log(run_sum / WEIGHT_SCALE)
+    lse = run_max + torch.log(run_exact / WEIGHT_SCALE)
     return D.float(), lse.squeeze(1)
