@@ -32,9 +32,40 @@ CONVENTIONS = ("kernel", "density")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _check_op_inputs(x, train, sigma, scale, labels, train_labels, topk):
+    """The op's contract, as the C++ check_inputs (csrc/denoiser/optimal.h) states it for the
+    CPU kernel, for callers of the op itself on CUDA (the public API checks first)."""
+    def require(ok, message):
+        if not ok:
+            raise RuntimeError(f"optimal_denoise: {message}")
+
+    require(x.dim() == 2 and train.dim() == 2, "x and train must be 2-D (rows, features)")
+    require(x.shape[1] == train.shape[1], f"row sizes differ: x has {x.shape[1]} features, train {train.shape[1]}")
+    require(x.shape[0] >= 1 and train.shape[0] >= 1 and x.shape[1] >= 1, "empty input")
+    require(x.dtype in (torch.float32, torch.float64), f"x must be float32 or float64, got {x.dtype}")
+    require(train.dtype in (torch.uint8, torch.bfloat16, torch.float32, torch.float64),
+            f"train must be uint8, bfloat16, float32 or float64, got {train.dtype}")
+    require(train.dtype != torch.float64 or x.dtype == torch.float64, "float64 train needs float64 x")
+    for t in (sigma, scale):
+        require(t.dim() == 1 and t.shape[0] == x.shape[0] and t.dtype == torch.float64,
+                "sigma and scale must be float64 of shape (B,)")
+    require((labels is None) == (train_labels is None), "labels and train_labels go together")
+    if labels is not None:
+        require(labels.dim() == 1 and labels.shape[0] == x.shape[0] and labels.dtype == torch.int64,
+                "labels must be int64 of shape (B,)")
+        require(train_labels.dim() == 1 and train_labels.shape[0] == train.shape[0]
+                and train_labels.dtype == torch.int64, "train_labels must be int64 of shape (N,)")
+    require(0 <= topk <= train.shape[0], f"need 0 <= topk <= N, got topk={topk}, N={train.shape[0]}")
+    others = (train, sigma, scale) + (() if labels is None else (labels, train_labels))
+    require(all(t.device == x.device for t in others), "inputs are on different devices")
+    if not all_finite(x):
+        raise ValueError("optimal_denoise: x contains NaN or inf")
+
+
 def _cuda_kernel(x, train, sigma, scale, labels, train_labels, topk):
     """The op's CUDA kernel: streaming on tensor cores (diffmem/optimal_stream.py) where it
     applies; float64 input and top-k take the float64 reference."""
+    _check_op_inputs(x, train, sigma, scale, labels, train_labels, topk)
     impl = optimal_stream if optimal_stream.handles(x, train, topk) else _reference
     return impl.optimal_denoise(x, train, sigma, scale, labels, train_labels, topk)
 

@@ -59,12 +59,12 @@ from .reference.optimal import rows_as_float64
 NEGLIGIBLE = 50.0  # e^-50 = 2e-22 relative weight: cannot move D
 LOGIT_TOL = 2e-4  # largest accepted error estimate of an expansion logit (as the CPU op)
 WEIGHT_SCALE = 2.0**15  # weights in (0, 1] -> (0, 2^15] before rounding to float16
-# (query, item) pairs per direct-difference batch: eager kernels materialize the gathered
-# float64 rows (~2^27 bytes per batch); the fused (compiled) one reads them in place. Its
-# batch stays moderate all the same: should Dynamo run a stage eagerly after all (it does so
-# silently past its recompile limit), 2^18 pairs x 3,072 float64 are 6 GiB a temporary.
+# (query, item) pairs per direct-difference batch, as bytes of gathered float64 rows: eager
+# kernels materialize them (~2^27 bytes per batch); the fused (compiled) one reads them in
+# place. Its batch stays bounded by d all the same: should Dynamo run a stage eagerly after
+# all (it does so silently past its recompile limit), each temporary is 2^30 bytes at most.
 EAGER_PAIR_BYTES = 1 << 27
-FUSED_PAIR_BATCH = 1 << 18
+FUSED_PAIR_BYTES = 1 << 30
 # A chunk moves up a precision tier (see the loop) when more than this share of its items
 # would need direct differences: from one float16 term to two (one more GEMM), from two to
 # the blocked products (about 2.5 float16 GEMMs' worth), from those to the float64 GEMM
@@ -91,6 +91,11 @@ def chunk_rows(B: int, N: int, d: int) -> int:
     """Training rows per chunk: up to 2^23 logits (fewer chunks: less per-chunk launch and
     sync overhead), at most 4 d rows (so a chunk's float64 logits stay O(B d))."""
     return int(max(1, min(N, 16384, max(256, (1 << 23) // max(1, B)), max(1024, 4 * d))))
+
+
+def pair_batch_size(d: int, fused: bool) -> int:
+    """(query, item) pairs per direct-difference batch for rows of d features."""
+    return max(16, (FUSED_PAIR_BYTES if fused else EAGER_PAIR_BYTES) // (8 * d))
 
 
 def mm_f16_f32(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,11 +126,11 @@ def split_f16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def _pow2_scale(top: float) -> float:
+def _pow2_scale(top: float, what: str = "train") -> float:
     """A power of two s with max |s v| <= 2^14 for max |v| = top: float16 neither
     overflows nor, for what matters, underflows; multiplying by s is exact."""
     if not math.isfinite(top):
-        raise ValueError("optimal_denoise: train contains NaN or inf")
+        raise ValueError(f"optimal_denoise: {what} contains NaN or inf")
     if top == 0.0:
         return 1.0
     return 2.0 ** math.floor(math.log2(F16_MAX_SAFE / top))
@@ -322,6 +327,8 @@ def _compiled_or_eager(fn):
     def call(*args):
         try:
             return state["fn"](*args)
+        except torch.OutOfMemoryError:
+            raise  # memory, not the compiler: eager would need more
         except Exception as exc:  # a compiler failure, not a numerical one: eager computes the same
             if state["fn"] is fn:
                 raise
@@ -360,7 +367,7 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
     N = train.shape[0]
     dev = x.device
     logits_stage, blocked_stage, weights_stage, pairs_stage, fused = _stages(dev)
-    pair_batch = FUSED_PAIR_BATCH if fused else max(1024, EAGER_PAIR_BYTES // (8 * d))
+    pair_batch = pair_batch_size(d, fused)
     step = chunk_rows(B, N, d)
     rows = _Train(train, step)
     xd = x.double()
@@ -368,7 +375,7 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
     xn = nx.sqrt()
     m = scale.double().to(dev)[:, None]
     inv = 1.0 / (2.0 * sigma.double().to(dev)[:, None] ** 2)
-    s = _pow2_scale(float(x.abs().max()))
+    s = _pow2_scale(float(x.abs().max()), "x")
     x_hi, x_lo = split_f16(x * s)
     x_sum = xd.sum(1, keepdim=True)
     scalars = torch.tensor([s, rows.a, rows.b, 1.0, 0.0], dtype=torch.float64, device=dev)

@@ -275,6 +275,43 @@ def _op_args(seed=7, B=5, N=40, d=24, dtype=torch.float32, train_dtype=torch.flo
     return x, train, sigma, scale, gen
 
 
+def _op_input_cases():
+    x, train = torch.randn(3, 5), torch.randn(7, 5)
+    s, lab, tl = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.long), torch.zeros(7, dtype=torch.long)
+    nan_x = x.clone()
+    nan_x[1, 2] = float("nan")
+    return {
+        "1-D x": (x[0], train, s, s, None, None, 0),
+        "row sizes": (x, train[:, :4], s, s, None, None, 0),
+        "x dtype": (x.half(), train, s, s, None, None, 0),
+        "train dtype": (x, train.long(), s, s, None, None, 0),
+        "float64 train": (x, train.double(), s, s, None, None, 0),
+        "sigma dtype": (x, train, s.float(), s, None, None, 0),
+        "scale shape": (x, train, s, s[:2], None, None, 0),
+        "labels alone": (x, train, s, s, lab, None, 0),
+        "labels dtype": (x, train, s, s, lab.int(), tl, 0),
+        "train_labels shape": (x, train, s, s, lab, tl[:3], 0),
+        "topk": (x, train, s, s, None, None, 8),
+        "NaN x": (nan_x, train, s, s, None, None, 0),
+    }
+
+
+@pytest.mark.parametrize("case", list(_op_input_cases()))
+def test_cuda_kernel_checks_the_op_contract_like_the_cpu_kernel(case):
+    """The CUDA kernel is Python (diffmem/optimal_stream.py); called through the op, it
+    refuses what the C++ CPU kernel refuses, with the same exception type and message."""
+    from diffmem import optimal as optimal_module
+
+    args = _op_input_cases()[case]
+    with pytest.raises((RuntimeError, ValueError)) as cpu:
+        torch.ops.diffmem.optimal_denoise(*args)
+    with pytest.raises(cpu.type) as cuda:
+        optimal_module._check_op_inputs(*args)
+    # the same words; a dtype reads the Python way ("torch.int64", not "Long")
+    cpu_msg, cuda_msg = str(cpu.value).splitlines()[0].split(", got")[0], str(cuda.value).split(", got")[0]
+    assert cuda_msg == cpu_msg, (str(cpu.value), str(cuda.value))
+
+
 @pytest.mark.parametrize("train_dtype", [torch.float32, torch.uint8, torch.bfloat16])
 def test_opcheck(train_dtype):
     if not diffmem._native.AVAILABLE:

@@ -6,6 +6,7 @@ kernel; tests/test_optimal_cuda.py runs it there.
 """
 import math
 import pathlib
+import warnings
 
 import pytest
 import torch
@@ -272,7 +273,7 @@ def test_compiled_stages_do_not_recompile_per_batch_or_training_set(monkeypatch)
     monkeypatch.setenv("DIFFMEM_OPTIMAL_COMPILE", "1")
     monkeypatch.setattr(stream, "_COMPILED", None)
     monkeypatch.setattr(stream, "chunk_rows", lambda B, N, d: 400)  # several chunks, and a tail
-    monkeypatch.setattr(stream, "FUSED_PAIR_BATCH", 3)  # pair batches of 3, 2 and 1, at offsets
+    monkeypatch.setattr(stream, "pair_batch_size", lambda d, fused: 3)  # pair batches of 3, 2 and 1, at offsets
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(3)
     train = torch.randint(0, 256, (1500, 96), dtype=torch.uint8, generator=gen)
@@ -315,6 +316,39 @@ def test_compiler_failure_falls_back_to_eager(monkeypatch):
         D, lse = run(x, train, 1.0)
     ref, ref_lse = dense_denoise(x, 1.0, train)
     assert_accurate(D, lse, ref, ref_lse, "eager after a compiler failure")
+
+
+@pytest.mark.parametrize("d", [3, 64, 3072, 12288, 2**20])
+def test_direct_difference_batches_stay_bounded(d):
+    """A pair batch's gathered float64 rows stay within 2^30 bytes compiled (where Dynamo may
+    still run the stage eagerly) and 2^27 eager, whatever the row length."""
+    for fused, limit in ((True, 2**30), (False, 2**27)):
+        pairs = stream.pair_batch_size(d, fused)
+        assert pairs >= 16 and (pairs * 8 * d <= limit or pairs == 16)
+
+
+def test_out_of_memory_is_not_taken_for_a_compiler_failure(monkeypatch):
+    """Out of memory in a compiled stage is raised as it is: eager kernels would need more
+    memory, and the stages stay compiled for the next call."""
+    calls = []
+
+    def out_of_memory(fn, **kwargs):
+        def call(*args):
+            calls.append(fn.__name__)
+            raise torch.OutOfMemoryError("no memory left")
+        return call
+
+    monkeypatch.setattr(torch, "compile", out_of_memory)
+    monkeypatch.setenv("DIFFMEM_OPTIMAL_COMPILE", "1")
+    monkeypatch.setattr(stream, "_COMPILED", None)
+    train, gen = train_of("uint8")
+    x = query_cases(as_rows64(train), gen, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "falling back to eager" warning
+        for _ in range(2):
+            with pytest.raises(torch.OutOfMemoryError):
+                run(x, train, 1.0)
+    assert len(calls) == 2  # the compiled stage was tried both times
 
 
 # ---- real images, and the samplers ----------------------------------------------------------
