@@ -299,23 +299,44 @@ def test_registered_as_the_ops_cuda_kernel():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("diffmem::optimal_denoise", "CUDA")
 
 
-def test_compiler_failure_falls_back_to_eager(monkeypatch):
-    """A broken torch.compile (no working Triton on some machine, say) costs speed, not
-    the result: the stages run eagerly after one warning."""
-    def broken(fn, **kwargs):
+def compiled_stages_raising(monkeypatch, error: Exception):
+    """Compiled stages that raise `error` (and log which stage was called), and a problem
+    for them: (calls, x, train)."""
+    calls = []
+
+    def fake_compile(fn, **kwargs):
         def call(*args):
-            raise RuntimeError("compiler exploded")
+            calls.append(fn.__name__)
+            raise error
         return call
 
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setenv("DIFFMEM_OPTIMAL_COMPILE", "1")
     monkeypatch.setattr(stream, "_COMPILED", None)
     train, gen = train_of("uint8")
-    x = query_cases(as_rows64(train), gen, 1.0)
+    return calls, query_cases(as_rows64(train), gen, 1.0), train
+
+
+def test_compiler_failure_falls_back_to_eager(monkeypatch):
+    """A broken torch.compile (no working Triton on some machine, say) costs speed, not
+    the result: the stages run eagerly after one warning."""
+    _, x, train = compiled_stages_raising(monkeypatch, RuntimeError("compiler exploded"))
     with pytest.warns(UserWarning, match="torch.compile of (chunk_logits|chunk_weights|pair_logits) failed"):
         D, lse = run(x, train, 1.0)
     ref, ref_lse = dense_denoise(x, 1.0, train)
     assert_accurate(D, lse, ref, ref_lse, "eager after a compiler failure")
+
+
+def test_out_of_memory_is_not_taken_for_a_compiler_failure(monkeypatch):
+    """Out of memory in a compiled stage is raised as it is: eager kernels would need more
+    memory, and the stages stay compiled for the next call."""
+    calls, x, train = compiled_stages_raising(monkeypatch, torch.OutOfMemoryError("no memory left"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "falling back to eager" warning
+        for _ in range(2):
+            with pytest.raises(torch.OutOfMemoryError):
+                run(x, train, 1.0)
+    assert len(calls) == 2  # the compiled stage was tried both times
 
 
 @pytest.mark.parametrize("d", [3, 64, 3072, 12288, 2**20])
@@ -325,30 +346,6 @@ def test_direct_difference_batches_stay_bounded(d):
     for fused, limit in ((True, 2**30), (False, 2**27)):
         pairs = stream.pair_batch_size(d, fused)
         assert pairs >= 16 and (pairs * 8 * d <= limit or pairs == 16)
-
-
-def test_out_of_memory_is_not_taken_for_a_compiler_failure(monkeypatch):
-    """Out of memory in a compiled stage is raised as it is: eager kernels would need more
-    memory, and the stages stay compiled for the next call."""
-    calls = []
-
-    def out_of_memory(fn, **kwargs):
-        def call(*args):
-            calls.append(fn.__name__)
-            raise torch.OutOfMemoryError("no memory left")
-        return call
-
-    monkeypatch.setattr(torch, "compile", out_of_memory)
-    monkeypatch.setenv("DIFFMEM_OPTIMAL_COMPILE", "1")
-    monkeypatch.setattr(stream, "_COMPILED", None)
-    train, gen = train_of("uint8")
-    x = query_cases(as_rows64(train), gen, 1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "falling back to eager" warning
-        for _ in range(2):
-            with pytest.raises(torch.OutOfMemoryError):
-                run(x, train, 1.0)
-    assert len(calls) == 2  # the compiled stage was tried both times
 
 
 # ---- real images, and the samplers ----------------------------------------------------------
