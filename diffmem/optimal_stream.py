@@ -190,17 +190,18 @@ def small_products(x_hi, x_lo, hi, lo):
     return t if lo is None else mm_f16_f32(x_hi, lo.T, t)
 
 
-def product_error(coh, inc, xp, u: float, split: float, c_coh: float, d: int):
+def product_error(coh, inc, xp, u, split, c_coh: float, d: int):
     """The estimated error of x . p (see chunk_logits): coherent c_coh u coh, incoherent
     3 u inc, and the split residuals as a random walk."""
     return u * (c_coh * coh + 3.0 * inc) + 3.0 * split * xp / math.sqrt(d)
 
 
-def chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, excluded, u: float, split: float, d: int,
+def chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, excluded, u, split, d: int,
                  coh=None, inc=None, c_coh: float | None = None, bound_coef: float | None = None):
     """From t = t_scale x . p (float32 accumulation of unit u, float16 splits leaving a
-    relative residual `split`; u = 2^-53, split = 0 for the float64 fallback; t_scale, a
-    and b are 0-d float64 tensors, so the compiled form never specializes on them): the row
+    relative residual `split`; u = 2^-53, split = 0 for the float64 fallback; t_scale, a,
+    b, u and split are 0-d float64 tensors, so the compiled form never specializes on
+    their values): the row
     references ref (B, 1), the logits relative to them (-inf for negligible or excluded
     items; float64, as ref can lie far below the best logit when its bound is wide), which
     kept items have a too inexact logit, and how many. Elementwise work and two row
@@ -236,7 +237,7 @@ def chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, exclu
 
 
 def chunk_logits_blocked(tb, t_rest, inc, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, excluded,
-                         u: float, split: float, d: int):
+                         u, split, d: int):
     """chunk_logits for x . p accumulated in float32 over blocks of BLOCK_K features and
     summed in float64: tb (blocks, B, n) holds hi . p per block, t_rest the small products
     (lo . p, and hi . p_lo for split rows) in one float32 GEMM; inc = sqrt(sum over blocks
@@ -359,6 +360,12 @@ def optimal_denoise(x, train, sigma, scale, labels=None, train_labels=None, topk
     # The op has no autograd; one grad mode also keeps the compiled stages from compiling
     # a second graph per signature (grad mode is part of their guards).
     with torch.no_grad():
+        if x.shape[0] == 1:
+            # one query as two: Dynamo specializes sizes 0 and 1, and each would compile its
+            # own graphs of every stage (seconds of Triton on a GPU)
+            D, lse = _optimal_denoise(x.repeat(2, 1), train, sigma.repeat(2), scale.repeat(2),
+                                      None if labels is None else labels.repeat(2), train_labels)
+            return D[:1].clone(), lse[:1].clone()
         return _optimal_denoise(x, train, sigma, scale, labels, train_labels)
 
 
@@ -378,8 +385,11 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
     s = _pow2_scale(float(x.abs().max()), "x")
     x_hi, x_lo = split_f16(x * s)
     x_sum = xd.sum(1, keepdim=True)
-    scalars = torch.tensor([s, rows.a, rows.b, 1.0, 0.0], dtype=torch.float64, device=dev)
-    s_t, a_t, b_t, one, zero = scalars.unbind()
+    # every scalar a compiled stage takes is a 0-d tensor: a Python float would be guarded
+    # on its value, a graph for each
+    split_one = SPLIT_ONE * (2.0 if rows.split else 1.0)  # one float16 term of x (and of split rows)
+    scalars = torch.tensor([s, rows.a, rows.b, 1.0, 0.0, U32, U64, SPLIT, split_one], dtype=torch.float64, device=dev)
+    s_t, a_t, b_t, one, zero, u32, u64, split_two, split_one = scalars.unbind()
 
     run_max = torch.full((B, 1), -math.inf, dtype=torch.float64, device=dev)  # absolute logits
     run_sum = torch.zeros((B, 1), dtype=torch.float64, device=dev)  # weights as multiplied, in WEIGHT_SCALE units
@@ -407,9 +417,9 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
     # chunk had few items that matter at all.
     small = {}  # chunk start -> its small products at tier 1, until the chunk is done
 
-    def expansion(n0: int, best_so_far: torch.Tensor, tier: int):
-        """Chunk n0's product rows, label mask and logits at `tier` (queued, no host sync)."""
-        n1 = min(N, n0 + step)
+    def expansion(bounds: tuple[int, int], best_so_far: torch.Tensor, tier: int):
+        """Chunk [n0, n1)'s product rows, label mask and logits at `tier` (queued, no host sync)."""
+        n0, n1 = bounds
         hi, lo = rows.product_rows(n0, n1)
         excluded = None if labels is None else labels[:, None] != train_labels[None, n0:n1]
         return (n0, n1, hi, lo, excluded, tier) + logits_at(tier, n0, n1, hi, lo, excluded, best_so_far)
@@ -419,11 +429,11 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
         if tier == 0:
             t = mm_f16_f32(x_hi, hi.T)  # s x_hi . p_hi
             return logits_stage(t, s_t, *common, rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,
-                                U32, SPLIT_ONE * (1.0 if lo is None else 2.0), d)
+                                u32, split_one, d)
         if tier == 3:
             t64 = xd @ rows.as_float64(n0, n1).T
             return logits_stage(t64, one, *common, rows.yn[n0:n1], m, inv, one, zero, best_so_far, excluded,
-                                U64, 0.0, d)
+                                u64, zero, d)
         t = small.pop(n0, None)  # kept from tier 1 where the chunk moves up from there
         if t is None:
             t = small_products(x_hi, x_lo, hi, lo)  # scaled by s
@@ -431,22 +441,25 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
             small[n0] = t
             t = mm_f16_f32(x_hi, hi.T, t)  # s x . p, float32 accumulation (a new tensor)
             return logits_stage(t, s_t, *common, rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,
-                                U32, SPLIT, d)
+                                u32, split_two, d)
         xb, xb_sq = x_blocks()
         p_pad = in_blocks(hi)
         tb = bmm_f16_f32(xb, p_pad.permute(1, 2, 0))  # (nb, B, n)
         inc = (xb_sq @ p_pad.float().square().sum(-1).double().T).sqrt()
         return blocked_stage(tb, t, inc, s_t, *common, rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,
-                             U32, SPLIT, d)
+                             u32, split_two, d)
 
     tier = FIRST_TIER
     starts = list(range(0, N, step))
-    pending = expansion(starts[0], run_max, tier)
-    for i in range(len(starts)):
+    if len(starts) > 1 and step > 1 and N - starts[-1] == 1:
+        starts[-1] -= 1  # no one-row chunk (a size Dynamo would specialize on): the last takes two
+    chunks = list(zip(starts, starts[1:] + [N]))
+    pending = expansion(chunks[0], run_max, tier)
+    for i in range(len(chunks)):
         # Queue the next chunk's products before this chunk's host sync, so the GPU has work
         # while the host decides. Its negligibility cut uses the running max before this
         # chunk: a lower bound of the true one, so it only keeps more items than needed.
-        following = expansion(starts[i + 1], run_max, tier) if i + 1 < len(starts) else None
+        following = expansion(chunks[i + 1], run_max, tier) if i + 1 < len(chunks) else None
         n0, n1, hi, lo, excluded, chunk_tier, ref, rel, inexact, count = pending
         n_inexact, n_kept = count.tolist()  # the one host sync per chunk (more where the tier moves up)
         while chunk_tier < 3 and n_inexact > ESCALATE[chunk_tier] * inexact.numel():

@@ -267,7 +267,7 @@ def test_compiled_stages_do_not_recompile_per_batch_or_training_set(monkeypatch)
     """Each graph torch.compile builds is a Triton compile of seconds on the GPU, and past
     Dynamo's recompile limit a stage silently runs eagerly: a sampler's sweep over sigma
     compiles a few graphs (the precision tiers), and other batch and training-set sizes
-    none."""
+    none, one query and a training set one row past a chunk boundary included."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("DIFFMEM_OPTIMAL_COMPILE", "1")
@@ -291,6 +291,9 @@ def test_compiled_stages_do_not_recompile_per_batch_or_training_set(monkeypatch)
     assert 1 <= first <= 6, f"{first} graphs for one sweep over sigma"  # 5: a graph per stage, two of chunk_logits
     assert sweep(13, 1300) == 0, "a new batch or training-set size recompiled a stage"
     assert sweep(5, 900) == 0, "a new batch or training-set size recompiled a stage"
+    # one query (sizes 0 and 1 are specialized: it runs as two), and N = 3 x 400 + 1 (no
+    # one-row last chunk: it takes two)
+    assert sweep(1, 1201) == 0, "one query or a one-row chunk compiled graphs of their own"
 
 
 def test_registered_as_the_ops_cuda_kernel():
