@@ -302,6 +302,31 @@ def test_registered_as_the_ops_cuda_kernel():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("diffmem::optimal_denoise", "CUDA")
 
 
+def test_training_norms_are_reused_until_the_set_changes(monkeypatch):
+    """The norms pass over the training set runs once for calls on the same set (a
+    sampler's steps), again after an in-place change or for another tensor, and every
+    result is the reference's."""
+    computed = []
+    norms = stream._train_norms
+    monkeypatch.setattr(stream, "_train_norms", lambda t, step: computed.append(1) or norms(t, step))
+    monkeypatch.setattr(stream, "_NORMS_CACHE", {})
+    train, gen = train_of("uint8")
+    x = query_cases(as_rows64(train), gen, 0.5)
+
+    def check(t, expected_passes, what):
+        D, lse = run(x, t, 0.5)
+        ref, ref_lse = dense_denoise(x, 0.5, t)
+        assert_accurate(D, lse, ref, ref_lse, what)
+        assert len(computed) == expected_passes, what
+
+    check(train, 1, "first call")
+    check(train, 1, "same set")
+    check(train.view(train.shape), 1, "a view of the same set")
+    train[3] = 255 - train[3]  # in place: the version counter moves
+    check(train, 2, "after an in-place change")
+    check(train.clone(), 3, "another tensor")
+
+
 def compiled_stages_raising(monkeypatch, error: Exception):
     """Compiled stages that raise `error` (and log which stage was called), and a problem
     for them: (calls, x, train)."""
