@@ -78,11 +78,9 @@ declare -A RC
 
 {
     echo "gpu_check.sh  $(date -u +%Y-%m-%dT%H:%M:%SZ)  budget ${BUDGET_S}s"
-    if git rev-parse HEAD >/dev/null 2>&1; then
-        echo "commit $(git rev-parse HEAD)  dirty: $(git status --porcelain --untracked-files=no -- . ':(exclude)bench/results' | wc -l) files"
-    else
-        echo "commit ${DIFFMEM_GIT_COMMIT:-unknown} (no git history here: from DIFFMEM_GIT_COMMIT)  dirty: ${DIFFMEM_GIT_DIRTY:-unknown}"
-    fi
+    # as the records will say it (bench/machine.py: git, else DIFFMEM_GIT_*)
+    "$PYTHON" -c 'from bench import machine; print("commit", machine.git_commit(), " dirty:", machine.git_dirty())' \
+        2>/dev/null || echo "commit unknown"
     printf '%-14s %5s %7s  %s\n' step rc seconds status
 } >"$SUMMARY"
 

@@ -299,18 +299,23 @@ def chunk_weights(rel, ref, run_max, run_sum, run_exact, acc):
     return new_max, w, w_lo, heavy, new_sum, new_exact, acc * factor.float()
 
 
-def weighted_sum(acc, w, hi, lo, n_kept: int):
-    """acc + w @ (hi + lo) (rows p_n in one or two float16 terms). Where few weights are
-    nonzero (small sigma: n_kept items at most), only the rows some query weighs take part:
-    the same tensor-core product over fewer columns, deterministic (no atomics), and far
-    less work than the dense one."""
-    if n_kept * SPARSE_WEIGHTS < w.numel():
-        active = torch.nonzero(w.ne(0).any(0)).squeeze(1)  # a host sync, in this case only
-        if active.numel() * 2 < w.shape[1]:
-            w, hi = w.index_select(1, active), hi.index_select(0, active)
-            lo = None if lo is None else lo.index_select(0, active)
+def product_over_columns(acc, w, hi, lo, cols):
+    """acc + w @ (hi + lo) (rows p_n in one or two float16 terms), over the columns `cols`
+    only where they are fewer than half (None: all): the same tensor-core product over
+    fewer columns, deterministic (no atomics). Returns it and the weights it multiplied."""
+    if cols is not None and cols.numel() * 2 < w.shape[1]:
+        w, hi = w.index_select(1, cols), hi.index_select(0, cols)
+        lo = None if lo is None else lo.index_select(0, cols)
     acc = mm_f16_f32(w, hi, acc)
-    return acc if lo is None else mm_f16_f32(w, lo, acc)
+    return (acc if lo is None else mm_f16_f32(w, lo, acc)), w
+
+
+def weighted_sum(acc, w, hi, lo, n_kept: int):
+    """acc + w @ (hi + lo). Where few weights are nonzero (small sigma: n_kept items at
+    most), only the rows some query weighs take part: far less work than the dense one."""
+    sparse = n_kept * SPARSE_WEIGHTS < w.numel()
+    active = torch.nonzero(w.ne(0).any(0)).squeeze(1) if sparse else None  # a host sync, in this case only
+    return product_over_columns(acc, w, hi, lo, active)[0]
 
 
 def add_weight_residuals(acc, run_sum, w_lo, heavy, hi, lo):
@@ -319,11 +324,7 @@ def add_weight_residuals(acc, run_sum, w_lo, heavy, hi, lo):
     cols = torch.nonzero(heavy).squeeze(1)  # a host sync
     if cols.numel() == 0:
         return acc, run_sum
-    if cols.numel() * 2 < heavy.numel():
-        w_lo, hi = w_lo.index_select(1, cols), hi.index_select(0, cols)
-        lo = None if lo is None else lo.index_select(0, cols)
-    acc = mm_f16_f32(w_lo, hi, acc)
-    acc = acc if lo is None else mm_f16_f32(w_lo, lo, acc)
+    acc, w_lo = product_over_columns(acc, w_lo, hi, lo, cols)
     return acc, run_sum + w_lo.double().sum(1, keepdim=True)
 
 

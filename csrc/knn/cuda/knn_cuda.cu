@@ -480,16 +480,16 @@ float_fuse_kernel(const T* __restrict__ dot, int64_t ld, const double* __restric
   if (lane < k) hst[lane] = hv[0];
 }
 
-// ||x - y||^2 by direct differences in float64, summed in feature order without
-// contraction into fma: bit for bit what the CPU path computes, so both devices
-// return the same indices even where distances tie to the last bit.
+// acc + df^2 rounded twice, never contracted into an fma: summed in feature order, this
+// is bit for bit what the CPU path computes, so both devices return the same indices even
+// where distances tie to the last bit.
+__device__ __forceinline__ double add_square(double acc, double df) { return __dadd_rn(acc, __dmul_rn(df, df)); }
+
+// ||x - y||^2 by direct differences in float64, in feature order.
 template <typename T>
 __device__ __forceinline__ double exact_sqdist(const T* __restrict__ x, const T* __restrict__ y, int64_t d) {
   double acc = 0.0;
-  for (int64_t i = 0; i < d; ++i) {
-    const double df = static_cast<double>(x[i]) - static_cast<double>(y[i]);
-    acc = __dadd_rn(acc, __dmul_rn(df, df));
-  }
+  for (int64_t i = 0; i < d; ++i) acc = add_square(acc, static_cast<double>(x[i]) - static_cast<double>(y[i]));
   return acc;
 }
 
@@ -528,7 +528,7 @@ float_rerank_kernel(const T* __restrict__ X, const T* __restrict__ Y, int64_t d,
 }
 
 // Exact float64 distances out[i, j] = sum_c (x_i - y_j)^2 (direct
-// differences, summed in feature order as exact_sqdist) for a block of queries
+// differences, summed in feature order with add_square) for a block of queries
 // and refs.  64 x 64 outputs per block, 16 x 16 threads, 4 x 4 outputs per thread.
 constexpr int kEdTile = 64;
 constexpr int kEdK = 16;
@@ -574,8 +574,7 @@ exact_dist_kernel(const T* __restrict__ X, int64_t nq, const T* __restrict__ Y, 
       for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const double df = xv[i] - yv[j];
-          acc[i][j] = __dadd_rn(acc[i][j], __dmul_rn(df, df));
+          acc[i][j] = add_square(acc[i][j], xv[i] - yv[j]);
         }
     }
     __syncthreads();
