@@ -34,7 +34,8 @@
 #                 op's CUDA kernel (tensor-core streaming, diffmem/optimal_stream.py;
 #                 torch.compile of its stages on first use)                     (cap 150 s)
 #   bench_optimal DIFFMEM_CUDA_OPTIMAL=1 python bench/optimal.py --device cuda --data random
-#                 --floors float16 --sigmas 0.002,1,5,80 --repeat 3 (CIFAR-10's 50,000 rows
+#                 --floors float16 --sigmas 0.002,1,5,80 --repeat 3 (and, for uint8 rows,
+#                 the path's int8 + float16 floor, always timed; CIFAR-10's 50,000 rows
 #                 do not travel with the tree; random rows, and the record says so) (cap 120 s)
 #   bench_train   python bench/train_throughput.py --device cuda --warmup 3 --steps 20
 #                 --compile-limit 90: fp32 eager (the reference recipe), its compiled form,

@@ -8,8 +8,8 @@ kNN (`diffmem.knn.topk`, uint8, k=2): the CUDA kernel (DIFFMEM_CUDA_KNN=1, set b
 script) at each DIFFMEM_KNN_TILE_Q x DIFFMEM_KNN_TILE_N, which it reads on every call,
 against the bare chunked torch._int_mm of bench/knn.py. The optimal denoiser
 (`diffmem.optimal.denoise`, uint8 rows, float32 queries x = y + sigma n): the CUDA kernel
-(DIFFMEM_CUDA_OPTIMAL=1) at each cap on the rows per chunk, against two bare float16 GEMMs
-(bench/optimal.py's floor). Medians of --repeat calls after a warm-up, synchronized. On
+(DIFFMEM_CUDA_OPTIMAL=1) at each cap on the rows per chunk, against one bare int8 and one
+float16 GEMM (bench/optimal.py's floor for uint8 rows, whose logits run on int8 tensor cores). Medians of --repeat calls after a warm-up, synchronized. On
 the CPU the kNN tile knobs do nothing (they are read by the CUDA kernel only).
 
 Writes bench/results/gpu-tuning-<device>.json (--json to choose).
@@ -74,7 +74,7 @@ def optimal_chunks(sizes: dict, device: str, repeat: int, seed: int, log) -> dic
     y = train[:B].double() / 127.5 - 1
     sync = sync_for(device)
     x0 = y.float().to(device)
-    floor_run = methods(x0, train, train.float() / 127.5 - 1, 1.0, floors={"floor": torch.float16})["floor"]
+    floor_run = methods(x0, train, train.float() / 127.5 - 1, 1.0, floors={"floor": "int8+float16"})["floor"]
     floor = median_time(floor_run, repeat, sync)
     default_rows = optimal_stream.chunk_rows
     rows = []
@@ -85,10 +85,10 @@ def optimal_chunks(sizes: dict, device: str, repeat: int, seed: int, log) -> dic
                 optimal_stream.chunk_rows = lambda B, N, d, cap=cap: int(min(N, cap))
                 t = median_time(lambda: optimal.denoise(x, sigma, train), repeat, sync)
                 rows.append(dict(sigma=sigma, chunk_rows=cap, median_s=t, vs_floor=t / floor))
-                log(f"optimal sigma {sigma:g}, chunks of {cap} rows: {t:.5f} s, {t / floor:.3f}x the float16 floor")
+                log(f"optimal sigma {sigma:g}, chunks of {cap} rows: {t:.5f} s, {t / floor:.3f}x the int8 + float16 floor")
     finally:
         optimal_stream.chunk_rows = default_rows
-    return dict(floor="bare_gemm_float16 (two float16 GEMMs, float32 results)", floor_median_s=floor,
+    return dict(floor="bare_gemm_int8_float16 (torch._int_mm, then a float16 GEMM with float32 results)", floor_median_s=floor,
                 default_chunk_rows=default_rows(B, N, d), runs=rows)
 
 

@@ -15,11 +15,13 @@ peak RSS growth of one call in a fresh process (peak reset just before the call 
 --device cuda: every tensor on the GPU, calls timed between torch.cuda.synchronize()
 (median of --repeat after one warm-up, which also compiles the CUDA path's fused stages),
 TF32 off for all float32 matmuls (recorded). The floor is measured in float16 (tensor-core
-products with float32 results), float32 and float64 (bare_gemm_float16/32/64) and the
-record names the one in the precision the op computes in ("floor"): float64 where diffmem
-takes the PyTorch reference (the CUDA kernel is off until verified: diffmem._native; set
-DIFFMEM_CUDA_OPTIMAL=1 to measure it), float16 for the CUDA kernel
-(diffmem/optimal_stream.py). Memory: torch.cuda.max_memory_allocated() growth of one call at N and
+products with float32 results), float32 and float64 (bare_gemm_float16/32/64), and as one
+int8 product (torch._int_mm) plus one float16 one (bare_gemm_int8_float16); the record
+names, per training dtype, the one in the precisions the op computes in ("floor_by_dtype"):
+float64 where diffmem takes the PyTorch reference (the CUDA kernel is off until verified:
+diffmem._native; set DIFFMEM_CUDA_OPTIMAL=1 to measure it); for the CUDA kernel
+(diffmem/optimal_stream.py) int8 + float16 on uint8 training sets (its logits run on int8
+tensor cores there), float16 otherwise. Memory: torch.cuda.max_memory_allocated() growth of one call at N and
 at --memory-N (default N / 4). The float64 truth is computed on the GPU. Targets (issue
 5, judged at the default sizes): reference / diffmem >= 5 and diffmem / floor <= 2.
 Prints a table and writes a JSON record (command, commit, device, versions, shapes,
@@ -66,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="uint8,float32", help="training-set dtypes (default: uint8,float32)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs after 1 warm-up (default: 5)")
     p.add_argument("--floors", default=",".join(f.removeprefix("bare_gemm_") for f in CUDA_FLOORS),
-                   help="CUDA: the bare-GEMM floors to time, comma list of float16,float32,float64 (default: "
+                   help="CUDA: the bare-GEMM floors to time, comma list of float16,float32,float64,int8_float16 (default: "
                         "all); the floor of the precision the op computes in is always timed")
     p.add_argument("--data", choices=["random", "cifar10"], default="cifar10",
                    help="training rows: CIFAR-10 (default) or random uint8 pixels")
@@ -85,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.floor_names = [f"bare_gemm_{f}" for f in args.floors.split(",") if f]
     bad = set(args.floor_names) - set(CUDA_FLOORS)
     if bad:
-        p.error(f"--floors must be among float16,float32,float64, got {sorted(f.removeprefix('bare_gemm_') for f in bad)}")
+        p.error(f"--floors must be among float16,float32,float64,int8_float16, got {sorted(f.removeprefix('bare_gemm_') for f in bad)}")
     bad = set(args.dtypes) - {"uint8", "float32"}
     if bad:
         p.error(f"--dtype must be uint8 and/or float32, got {sorted(bad)}")
@@ -128,7 +130,10 @@ def rel_err(D: torch.Tensor, truth: torch.Tensor) -> float:
 
 CPU_FLOORS = {"bare_gemm": torch.float32}
 CUDA_FLOORS = {"bare_gemm_float16": torch.float16, "bare_gemm_float32": torch.float32,
-               "bare_gemm_float64": torch.float64}
+               "bare_gemm_float64": torch.float64, "bare_gemm_int8_float16": "int8+float16"}
+# the streaming CUDA kernel's products: int8 logits and float16 weights for uint8 training
+# sets, float16 for both otherwise
+STREAM_FLOORS = {"uint8": "bare_gemm_int8_float16"}
 
 
 def _no_sync() -> None:
@@ -158,8 +163,27 @@ def methods(x, train, y32, sigma, *, floors=None, y64=None):
             return mm(w, y)
         return run
 
+    def bare_int8_float16(y):
+        # the first product on int8 tensor cores (torch._int_mm: K and N multiples of 8),
+        # the second in float16 with float32 results
+        B, d = x.shape
+        d8, n8 = -(-d // 8) * 8, -(-y.shape[0] // 8) * 8
+        x8 = torch.nn.functional.pad((x / x.abs().amax(1, keepdim=True).clamp_min(1e-30) * 127).round()
+                                     .to(torch.int8), (0, d8 - d, 0, max(0, 17 - B)))
+        p8 = torch.nn.functional.pad((y * 127.5).round().clamp(-128, 127).to(torch.int8),
+                                     (0, d8 - d, 0, n8 - y.shape[0]))
+        y16, w16 = y.half(), W.half()
+
+        def run():
+            optimal_stream.mm_i8_i32(x8, p8.T)
+            return optimal_stream.mm_f16_f32(w16, y16)
+        return run
+
     out = {"diffmem": lambda: optimal.denoise(x, sigma, train), "reference": reference}
     for name, dtype in floors.items():
+        if dtype == "int8+float16":
+            out[name] = bare_int8_float16(y32)
+            continue
         y = y32 if dtype in (torch.float32, torch.float16) else y64
         y = y.to(dtype)
         out[name] = bare_gemm(x.to(dtype), y, W.to(dtype))
@@ -285,13 +309,17 @@ def device_record(args, device: torch.device, *, sync=_no_sync, stats=None, log=
     y_pick = y64[pick.to(device)].cpu()
     path = diffmem_path(device)
     floor = f"bare_gemm_{path['computes_in']}"
-    floors = {f: CUDA_FLOORS[f] for f in CUDA_FLOORS if f in args.floor_names or f == floor}
+    floor_by_dtype = {dtype: STREAM_FLOORS.get(dtype, floor) if path["path"] == "stream" else floor
+                      for dtype in args.dtypes}
+    floors = {f: CUDA_FLOORS[f] for f in CUDA_FLOORS if f in args.floor_names or f in floor_by_dtype.values()}
     record = {"data": data_info, "shapes": {"B": args.B, "N": args.N, "d": args.d},
               "dtypes": args.dtypes, "sigmas": args.sigma_list, "repeat": args.repeat,
               "queries": "x = y + sigma n for B random training rows y, float32",
-              "diffmem_path": path, "floor": floor, "floors": list(floors),
-              "floor_note": f"{floor}: the bare GEMM in the precision the op computes in "
-                            f"({path['computes_in']}, {path['path']} path)",
+              "diffmem_path": path, "floor": floor, "floor_by_dtype": floor_by_dtype, "floors": list(floors),
+              "floor_note": f"floor_by_dtype: the bare GEMMs in the precision the op computes in "
+                            f"({path['computes_in']}, {path['path']} path; the stream path's logits of uint8 "
+                            "training sets on int8 tensor cores: one bare torch._int_mm and one float16 "
+                            "product, bare_gemm_int8_float16)",
               "targets_note": "issue 5 (GPU, B=512, N=50,000, d=3,072): reference/diffmem >= 5, "
                               "diffmem/floor <= 2; other sizes are indicative only",
               "runs": {}, "memory": {}}
@@ -306,10 +334,11 @@ def device_record(args, device: torch.device, *, sync=_no_sync, stats=None, log=
                 log(f"{dtype} sigma={sigma}")
                 res = run_one(x, train, y32, y64, sigma, args.repeat, floors=floors, sync=sync,
                               measure_load=False)
-                add_targets(res, dtype, floor)
+                add_targets(res, dtype, floor_by_dtype[dtype])
                 record["runs"][dtype][str(sigma)] = res
                 log(f"{dtype} sigma={sigma}: diffmem {res['diffmem']['median_s']:.4f} s, "
-                    f"reference {res['reference']['median_s']:.4f} s, {floor} {res[floor]['median_s']:.4f} s")
+                    f"reference {res['reference']['median_s']:.4f} s, {floor_by_dtype[dtype]} "
+                    f"{res[floor_by_dtype[dtype]]['median_s']:.4f} s")
                 progress(record)
         del y64
         x = (y_pick + 0.5 * torch.randn(args.B, args.d, generator=gen, dtype=torch.float64)).float().to(device)
@@ -329,13 +358,15 @@ def device_record(args, device: torch.device, *, sync=_no_sync, stats=None, log=
 
 def device_table(record: dict) -> str:
     floors = record["floors"]
-    floor = record["floor"]
+    floor_by_dtype = record.get("floor_by_dtype") or {dtype: record["floor"] for dtype in record["runs"]}
+    floor_text = ", ".join(f"{dtype}: {f}" for dtype, f in floor_by_dtype.items())
     lines = [f"diffmem path: {record['diffmem_path']['path']} (computes in {record['diffmem_path']['computes_in']}); "
-             f"floor = {floor}; TF32 matmul {'on' if record['tf32']['cuda_matmul_allow_tf32'] else 'off'}",
+             f"floor = {floor_text}; TF32 matmul {'on' if record['tf32']['cuda_matmul_allow_tf32'] else 'off'}",
              f"{'train':8} {'sigma':>7} {'diffmem s':>10} {'reference s':>12} "
              + " ".join(f"{f.replace('bare_gemm_', 'gemm ') + ' s':>12}" for f in floors)
              + f" {'ref/diffmem':>11} {'diffmem/flr':>11} {'err diffmem':>11} {'err ref':>9} {'targets':>8}"]
     for dtype, per_sigma in record["runs"].items():
+        floor = floor_by_dtype[dtype]
         for sigma, r in per_sigma.items():
             dm, ref = r["diffmem"], r["reference"]
             verdict = ["-" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL") for t in r["targets"]]
@@ -343,7 +374,7 @@ def device_table(record: dict) -> str:
                          + " ".join(f"{r[f]['median_s']:12.4f}" for f in floors)
                          + f" {ref['ratio_vs_diffmem']:11.2f} {dm['median_s'] / r[floor]['median_s']:11.2f} "
                          f"{dm['rel_err_vs_float64']:11.1e} {ref['rel_err_vs_float64']:9.1e} {'/'.join(verdict):>8}")
-    lines.append("targets: " + ", ".join(f"{m if m != 'floor' else floor}: {metric} {op} {v:g}"
+    lines.append("targets: " + ", ".join(f"{m}: {metric} {op} {v:g}"
                                          for m, metric, op, v in CUDA_TARGETS)
                  + f" -> all pass: {record['targets_all_pass']}")
     for dtype, mem in record["memory"].items():

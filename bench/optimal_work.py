@@ -1,9 +1,12 @@
 """How much work the optimal denoiser's CUDA kernel (diffmem/optimal_stream.py) does per
-call, on real CIFAR-10 rows: GEMM work in units of one dense B x N x d product, the share
-of (query, item) pairs that need float64 direct differences, and the error of D against
-float64. These are counts, not timings: they come out the same on any device, so the
-streaming algorithm runs here with its float16 products emulated on the CPU, and its GPU
-speed can be read off them (two such units are the float16 floor of bench/optimal.py).
+call, on real CIFAR-10 rows: GEMM work in units of one dense B x N x d product (float16
+products and int8 products counted apart), the share of (query, item) pairs that need
+float64 direct differences, and the error of D against float64. These are counts, not
+timings: they come out the same on any device, so the streaming algorithm runs here with
+its tensor-core products emulated on the CPU. "float16_equivalent_units" weighs an int8
+product as half a float16 one, the ratio of the H100's dense tensor-core peaks (1979 int8
+TOPS, 989 float16 TFLOPS): an assumption about the GPU, not a measurement. bench/optimal.py's
+floors are two such units in float16, or one int8 and one float16 product (1.5).
 
     python bench/optimal_work.py                       # B=256, N=50,000 CIFAR-10 rows, 2 threads
     python bench/optimal_work.py --N 12000 --sigmas 0.002,1,80
@@ -28,6 +31,7 @@ from bench.machine import git_commit, git_dirty  # noqa: E402
 from diffmem.training.checkpoint import write_json_atomic  # noqa: E402
 
 DEFAULT_SIGMAS = "0.002,0.1,0.5,1,3,5,10,20,40,80"
+INT8_PER_FLOAT16 = 0.5  # H100 SXM dense tensor-core peaks: 1979 int8 TOPS / 989 float16 TFLOPS
 
 
 class WorkCounter:
@@ -36,10 +40,12 @@ class WorkCounter:
     def __init__(self, stream, unit: float):
         self.stream, self.unit = stream, unit
         self.mm, self.bmm, self.pairs = stream.mm_f16_f32, stream.bmm_f16_f32, stream.pair_logits
+        self.int_mm = stream.mm_i8_i32
         self.reset()
 
     def reset(self):
         self.gemm_units = 0.0
+        self.int8_units = 0.0
         self.direct_pairs = 0
 
     def __enter__(self):
@@ -51,15 +57,21 @@ class WorkCounter:
             self.gemm_units += a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2] / self.unit
             return self.bmm(a, b)
 
+        def int_mm(a, b):
+            self.int8_units += a.shape[0] * a.shape[1] * b.shape[1] / self.unit
+            return self.int_mm(a, b)
+
         def pairs(x, rows, q, n, m, inv):
             self.direct_pairs += q.numel()
             return self.pairs(x, rows, q, n, m, inv)
 
         self.stream.mm_f16_f32, self.stream.bmm_f16_f32, self.stream.pair_logits = mm, bmm, pairs
+        self.stream.mm_i8_i32 = int_mm
         return self
 
     def __exit__(self, *exc):
         self.stream.mm_f16_f32, self.stream.bmm_f16_f32, self.stream.pair_logits = self.mm, self.bmm, self.pairs
+        self.stream.mm_i8_i32 = self.int_mm
         # the float64 GEMM tier (x @ rows.T in float64) is not a float16 GEMM: counted apart
         return False
 
@@ -105,16 +117,21 @@ def main(argv: list[str] | None = None) -> int:
         truth = torch.softmax(-sq.clamp_min(0) / (2 * sigma**2), 1) @ y64
         err = float(((D.double() - truth).norm(dim=1) / truth.norm(dim=1)).max())
         row = dict(sigma=sigma, float16_gemm_units=round(counter.gemm_units, 4),
+                   int8_gemm_units=round(counter.int8_units, 4),
+                   float16_equivalent_units=round(counter.gemm_units + INT8_PER_FLOAT16 * counter.int8_units, 4),
                    direct_difference_share=counter.direct_pairs / (args.B * args.N),
                    rel_err_vs_float64=err, cpu_seconds_emulated=seconds)
         rows.append(row)
-        print(f"sigma {sigma:<6g} GEMM units {row['float16_gemm_units']:5.2f}  direct differences "
+        print(f"sigma {sigma:<6g} GEMM units: float16 {row['float16_gemm_units']:5.2f}, int8 "
+              f"{row['int8_gemm_units']:5.2f} (float16-equivalent {row['float16_equivalent_units']:5.2f})  direct differences "
               f"{100 * row['direct_difference_share']:6.3f}%  error {err:.1e}  ({seconds:.1f} s)", flush=True)
     out = args.json or ROOT / "bench" / "results" / f"optimal-work-cifar10-B{args.B}-N{args.N}.json"
     record = dict(command=" ".join([sys.executable, *sys.argv]), git_commit=git_commit(), git_dirty=git_dirty(),
                   torch=torch.__version__, data=str(args.data.name), B=args.B, N=args.N, d=d,
                   chunk_rows=stream.chunk_rows(args.B, args.N, d),
-                  unit="one dense B x N x d float16 GEMM (bench/optimal.py's float16 floor is 2 units)",
+                  unit="one dense B x N x d GEMM (float16 or int8); float16_equivalent_units = float16 + "
+                       f"{INT8_PER_FLOAT16} x int8 (assumed H100 peak ratio); bench/optimal.py's floors: 2 float16 "
+                       "units, or 1 int8 + 1 float16",
                   queries="x = y + sigma n, y random training images", runs=rows)
     write_json_atomic(record, out)
     print(f"wrote {out}")

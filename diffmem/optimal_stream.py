@@ -8,9 +8,19 @@ training rows y_n (uint8 read as img / 127.5 - 1, bfloat16 or float32),
 and lse = log sum_n exp(l_n). Chunks of the training set stream past all queries with an
 online softmax (running max, sum and weighted sum), so memory is O(B d + B * chunk).
 
-Precision. Both products run as float16 GEMMs with float32 accumulation and output (the
-tensor cores' fast path), which is why a logit needs care:
-  * x . y_n: first with one float16 term of x and of the rows (x = hi + O(2^-11 |x|)): at
+Precision. The weighted sum runs as a float16 GEMM with float32 accumulation and output
+(the tensor cores' fast path); so do the logits' products x . p for float rows, which is
+why a logit needs care:
+  * uint8 rows (pixels: CIFAR-10, MNIST) take int8 tensor cores instead, whose int32 sums
+    are exact: p = v - 128 is int8 as it is, and x goes in int8 terms with per-query
+    scales (int8_terms: 8 bits a term; two terms leave |e| <= 2^-16 max |x| per feature,
+    three 2^-24), the int32 products combined in float64. x . p then errs by e . p alone:
+    rigorously at most ||e|| ||p||, estimated as a random walk of INT8_WALK deviations, and
+    no accumulation error and no model of the GPU's accumulator is needed. A chunk starts at
+    two terms (one int8 GEMM, half a float16 one's time at the H100's peaks) and moves up
+    to three (middle sigma), then to the float64 GEMM; the rules below (error bound and
+    estimate, direct differences, weights) are the same.
+  * x . y_n for float rows: first with one float16 term of x and of the rows (x = hi + O(2^-11 |x|)): at
     large sigma the logits are divided by so much that this is enough, and at small sigma
     only the few items that matter are inexact, which direct differences fix (below). Where
     many items would be inexact (middle sigma) the chunk moves up to two terms: x = hi + lo
@@ -45,6 +55,7 @@ tensor cores' fast path), which is why a logit needs care:
 The tensor-core products `mm_f16_f32`/`bmm_f16_f32` are torch.mm/bmm(..., out_dtype=float32) on CUDA; on the
 CPU (tests) it is emulated by a float32 product of the same float16 operands, which is
 exact product by product (11-bit by 11-bit mantissas), so only the summation order differs.
+`mm_i8_i32` is torch._int_mm on both, exact on both.
 """
 from __future__ import annotations
 
@@ -74,6 +85,13 @@ ESCALATE = (1 / 96, 1 / 64, 1 / 16)
 # The first chunks take two float16 terms; once a chunk has few items that matter (under
 # half of ESCALATE[0]: small sigma), the later ones start from one term.
 FIRST_TIER = 1
+# uint8 training sets take int8 tensor cores instead (exact int32 sums, twice the float16
+# rate on H100): two int8 terms of x, three, the float64 GEMM; a chunk moves up past these
+# shares (the third term costs half a float16 GEMM, the float64 GEMM about 13).
+ESCALATE_INT8 = (1 / 192, 1 / 16)
+INT8_STEP = 254.0  # each int8 term of x resolves the last one's residual (|r| <= c/2) into [-127, 127]
+INT8_TERMS = 3
+INT8_WALK = 6.0  # deviations of x's residual . p counted in the estimate: P(|N(0,1)| > 6) = 2e-9 per pair
 BLOCK_K = 256  # features per float32-accumulated block of the blocked products
 U32 = 2.0**-23  # float32 accumulation, counted as truncation (one ulp)
 U64 = 2.0**-53
@@ -111,6 +129,45 @@ def mm_f16_f32(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None
     if acc is None:
         return torch.mm(a.float(), b.float())
     return torch.addmm(acc, a.float(), b.float())
+
+
+def mm_i8_i32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, K) @ b (K, N) for int8 operands, exact int32 result (int8 tensor cores on
+    CUDA, which ask for M > 16, K and N multiples of 8 and b K-major)."""
+    return torch._int_mm(a, b)
+
+
+def int8_fits(d: int) -> bool:
+    """Whether int32 holds every x-term . p sum over d features (|q| <= 127, |p| <= 128)."""
+    return hasattr(torch, "_int_mm") and _round8(d) * 127 * 128 < 2**31
+
+
+def _round8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def int8_terms(xd: torch.Tensor, rows_out: int, cols_out: int):
+    """x (B, d) float64 = sum_j c_j q_j + e in INT8_TERMS int8 terms q_j, with per-query
+    scales c_1 = max |x| / 127 and c_{j+1} = c_j / INT8_STEP: each term adds 8 bits, so two
+    leave |e| <= 2^-16 max |x| per feature and three 2^-24. Returns q (terms, rows_out,
+    cols_out) zero-padded (what torch._int_mm asks for), c (B, terms) and ||e|| / ||x||
+    after each term (B, terms; 0 where x = 0). e is x minus the terms' float64 sum, which is
+    exact to 2^-52 |x|: far inside the error bound's 3 d u term."""
+    B, d = xd.shape
+    top = xd.abs().amax(1, keepdim=True)
+    c = torch.where(top > 0, top / 127.0, torch.ones_like(top))
+    xn = xd.norm(dim=1, keepdim=True)
+    q = torch.zeros(INT8_TERMS, rows_out, cols_out, dtype=torch.int8, device=xd.device)
+    approx = torch.zeros_like(xd)
+    scales, rel = [], []
+    for j in range(INT8_TERMS):
+        qj = torch.round((xd - approx) / c).clamp_(-127, 127)
+        q[j, :B, :d] = qj.to(torch.int8)
+        approx = approx + c * qj
+        scales.append(c)
+        rel.append(torch.where(xn > 0, (xd - approx).norm(dim=1, keepdim=True) / xn.clamp_min(1e-300), 0.0))
+        c = c / INT8_STEP
+    return q, torch.cat(scales, 1), torch.cat(rel, 1)
 
 
 def bmm_f16_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -162,6 +219,14 @@ class _Train:
         if not self.split:
             return (rows * self.s_y).to(torch.float16), None
         return split_f16(rows * self.s_y)
+
+    def int8_rows(self, n0: int, n1: int, cols: int) -> torch.Tensor:
+        """p_n = v - 128 (uint8 rows) as int8 for rows [n0, n1), zero-padded to a multiple
+        of 8 rows and to `cols` features (torch._int_mm's shapes on CUDA)."""
+        rows = self.raw[n0:n1]
+        p = (rows.to(torch.int16) - 128).to(torch.int8)
+        pad_rows, pad_cols = _round8(p.shape[0]) - p.shape[0], cols - p.shape[1]
+        return torch.nn.functional.pad(p, (0, pad_cols, 0, pad_rows)) if pad_rows or pad_cols else p
 
     def as_float64(self, n0: int, n1: int) -> torch.Tensor:
         return rows_as_float64(self.raw[n0:n1])
@@ -220,14 +285,15 @@ def small_products(x_hi, x_lo, hi, lo):
     return t if lo is None else mm_f16_f32(x_hi, lo.T, t)
 
 
-def product_error(coh, inc, xp, u, split, c_coh: float, d: int):
+def product_error(coh, inc, xp, u, split, c_coh: float, d: int, walk: float = 3.0):
     """The estimated error of x . p (see chunk_logits): coherent c_coh u coh, incoherent
-    3 u inc, and the split residuals as a random walk."""
-    return u * (c_coh * coh + 3.0 * inc) + 3.0 * split * xp / math.sqrt(d)
+    3 u inc, and the split residuals as a random walk of `walk` standard deviations."""
+    return u * (c_coh * coh + 3.0 * inc) + walk * split * xp / math.sqrt(d)
 
 
 def chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, excluded, u, split, d: int,
-                 coh=None, inc=None, c_coh: float | None = None, bound_coef: float | None = None):
+                 coh=None, inc=None, c_coh: float | None = None, bound_coef: float | None = None,
+                 walk: float = 3.0):
     """From t = t_scale x . p (float32 accumulation of unit u, float16 splits leaving a
     relative residual `split`; u = 2^-53, split = 0 for the float64 fallback; t_scale, a,
     b, u and split are 0-d float64 tensors, so the compiled form never specializes on
@@ -251,7 +317,7 @@ def chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, exclu
     inc = xp if inc is None else inc
     c_coh = math.sqrt(d) if c_coh is None else c_coh
     bound_coef = 3.0 * d * u + 2.0 * split if bound_coef is None else bound_coef
-    err = a * product_error(coh, inc, xp, u, split, c_coh, d)
+    err = a * product_error(coh, inc, xp, u, split, c_coh, d, walk)
     bound = a * 1.25 * bound_coef * xp
     L = -(nx + m * m * ny - 2.0 * m * dot) * inv
     sums = U64 * 4 * (nx + m * m * ny + 2.0 * m * dot.abs())
@@ -278,6 +344,22 @@ def chunk_logits_blocked(tb, t_rest, inc, t_scale, x_sum, nx, xn, ny, pn, m, inv
     bound_coef = BLOCK_K * u + 2.0**-9 * d * u + 2.0 * split  # gamma_K per block; the small products
     return chunk_logits(t, t_scale, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, excluded, u, split, d,
                         coh=coh, inc=inc, c_coh=math.sqrt(BLOCK_K), bound_coef=bound_coef)
+
+
+def chunk_logits_int8(t2, t3, c, split, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, excluded, one, u, d: int):
+    """chunk_logits for x . p from exact int32 products of x's int8 terms with the rows
+    (uint8 - 128): t2 (2 R, n8) holds terms 1 and 2 (R rows each, padded), t3 (R, n8) term
+    3 or None; c (B, terms) the terms' scales. Summed in float64, x . p errs only by
+    e . p for x's residual e after the terms, with ||e|| = split ||x|| (split per query,
+    (B, 1)): the estimate and bound of chunk_logits with split that, and u = 2^-53. There
+    e . p is the whole error, so its random walk is taken at INT8_WALK deviations: what
+    the largest of a call's ~10^7 pairs reaches (3 is exceeded by a few of them)."""
+    B, n, R = nx.shape[0], ny.shape[0], t2.shape[0] // 2
+    t = t2[:B, :n].double() * c[:, 0:1] + t2[R : R + B, :n].double() * c[:, 1:2]
+    if t3 is not None:
+        t = t + t3[:B, :n].double() * c[:, 2:3]
+    return chunk_logits(t, one, x_sum, nx, xn, ny, pn, m, inv, a, b, run_max, excluded, u, split, d,
+                        walk=INT8_WALK)
 
 
 def chunk_weights(rel, ref, run_max, run_sum, run_exact, acc):
@@ -343,12 +425,12 @@ def _stages(device: torch.device):
     Should compilation fail (no working Triton, say), the eager stages take over with a
     warning: same results, more kernels."""
     flag = os.environ.get("DIFFMEM_OPTIMAL_COMPILE")
+    stages = (chunk_logits, chunk_logits_blocked, chunk_logits_int8, chunk_weights, pair_logits)
     if not (flag == "1" or (flag is None and device.type == "cuda")):
-        return chunk_logits, chunk_logits_blocked, chunk_weights, pair_logits, False
+        return stages + (False,)
     global _COMPILED
     if _COMPILED is None:
-        _COMPILED = tuple(_compiled_or_eager(f) for f in (chunk_logits, chunk_logits_blocked, chunk_weights,
-                                                          pair_logits)) + (True,)
+        _COMPILED = tuple(_compiled_or_eager(f) for f in stages) + (True,)
     return _COMPILED
 
 
@@ -404,7 +486,7 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
     B, d = x.shape
     N = train.shape[0]
     dev = x.device
-    logits_stage, blocked_stage, weights_stage, pairs_stage, fused = _stages(dev)
+    logits_stage, blocked_stage, int8_stage, weights_stage, pairs_stage, fused = _stages(dev)
     pair_batch = pair_batch_size(d, fused)
     step = chunk_rows(B, N, d)
     rows = _Train(train, step)
@@ -441,12 +523,21 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
             blocked_x["sq"] = in_blocks(xd).square().sum(-1)  # ||x_b||^2, (B, nb)
         return blocked_x["hi"], blocked_x["sq"]
 
-    # Precision tiers of a chunk's logits: 0 one float16 term of x and of the rows, 1 two
-    # terms (float16 products with float32 accumulation), 2 the same accumulated in blocks,
-    # 3 a float64 GEMM. A chunk with too many inexact items moves up; later chunks start at
-    # the tier the last one needed (sigma, not the chunk, decides it), or at one term once a
-    # chunk had few items that matter at all.
-    small = {}  # chunk start -> its small products at tier 1, until the chunk is done
+    # Precision tiers of a chunk's logits. Float rows: 0 one float16 term of x and of the
+    # rows, 1 two terms (float16 products with float32 accumulation), 2 the same accumulated
+    # in blocks, 3 a float64 GEMM. uint8 rows: 0 two int8 terms of x, 1 three, 2 the float64
+    # GEMM. A chunk with too many inexact items moves up; later chunks start at the tier the
+    # last one needed (sigma, not the chunk, decides it), or at the first once a chunk had
+    # few items that matter at all.
+    int8 = rows.uint8 and int8_fits(d)
+    escalate = ESCALATE_INT8 if int8 else ESCALATE
+    top_tier = len(escalate)  # the float64 GEMM
+    small = {}  # chunk start -> its small products at tier 1 (int8: its int8 rows and two-term products)
+    if int8:
+        d8, R = _round8(d), max(24, _round8(B))  # torch._int_mm: K multiple of 8, more than 16 rows
+        x_terms, x_scales, x_rel = int8_terms(xd, R, d8)
+        x_two, x_third = x_terms[:2].reshape(2 * R, d8), x_terms[2]
+        int8_split = (x_rel[:, 1:2].contiguous(), x_rel[:, 2:3].contiguous())  # after two and three terms
 
     def expansion(bounds: tuple[int, int], best_so_far: torch.Tensor, tier: int):
         """Chunk [n0, n1)'s product rows, label mask and logits at `tier` (queued, no host sync)."""
@@ -457,14 +548,23 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
 
     def logits_at(tier, n0, n1, hi, lo, excluded, best_so_far):
         common = (x_sum, nx, xn, rows.ny[n0:n1])
+        if int8 and tier < top_tier:
+            p8, t2 = small.pop(n0, (None, None))  # kept from tier 0 where the chunk moves up from there
+            if p8 is None:
+                p8 = rows.int8_rows(n0, n1, d8)
+                t2 = mm_i8_i32(x_two, p8.T)  # terms 1 and 2 . p, exact
+            small[n0] = (p8, t2)
+            t3 = mm_i8_i32(x_third, p8.T) if tier == 1 else None
+            return int8_stage(t2, t3, x_scales, int8_split[tier], *common, rows.pn[n0:n1], m, inv,
+                              a_t, b_t, best_so_far, excluded, one, u64, d)
+        if tier == top_tier:
+            t64 = xd @ rows.as_float64(n0, n1).T
+            return logits_stage(t64, one, *common, rows.yn[n0:n1], m, inv, one, zero, best_so_far, excluded,
+                                u64, zero, d)
         if tier == 0:
             t = mm_f16_f32(x_hi, hi.T)  # s x_hi . p_hi
             return logits_stage(t, s_t, *common, rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,
                                 u32, split_one, d)
-        if tier == 3:
-            t64 = xd @ rows.as_float64(n0, n1).T
-            return logits_stage(t64, one, *common, rows.yn[n0:n1], m, inv, one, zero, best_so_far, excluded,
-                                u64, zero, d)
         t = small.pop(n0, None)  # kept from tier 1 where the chunk moves up from there
         if t is None:
             t = small_products(x_hi, x_lo, hi, lo)  # scaled by s
@@ -480,7 +580,7 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
         return blocked_stage(tb, t, inc, s_t, *common, rows.pn[n0:n1], m, inv, a_t, b_t, best_so_far, excluded,
                              u32, split_two, d)
 
-    tier = FIRST_TIER
+    tier = 0 if int8 else FIRST_TIER
     starts = list(range(0, N, step))
     if len(starts) > 1 and step > 1 and N - starts[-1] == 1:
         starts[-1] -= 1  # no one-row chunk (a size Dynamo would specialize on): the last takes two
@@ -493,14 +593,14 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
         following = expansion(chunks[i + 1], run_max, tier) if i + 1 < len(chunks) else None
         n0, n1, hi, lo, excluded, chunk_tier, ref, rel, inexact, count = pending
         n_inexact, n_kept = count.tolist()  # the one host sync per chunk (more where the tier moves up)
-        while chunk_tier < 3 and n_inexact > ESCALATE[chunk_tier] * inexact.numel():
+        while chunk_tier < top_tier and n_inexact > escalate[chunk_tier] * inexact.numel():
             chunk_tier += 1
             ref, rel, inexact, count = logits_at(chunk_tier, n0, n1, hi, lo, excluded, run_max)
             n_inexact, n_kept = count.tolist()
-        if n_kept < 0.5 * ESCALATE[0] * inexact.numel():
-            tier = 0  # few items matter: one term, direct differences for the inexact ones
+        if n_kept < 0.5 * escalate[0] * inexact.numel():
+            tier = 0  # few items matter: the first tier, direct differences for the inexact ones
         else:
-            tier = max(tier, chunk_tier, 1)
+            tier = max(tier, chunk_tier, 0 if int8 else 1)
         if n_inexact:
             q, n = inexact.nonzero(as_tuple=True)
             chunk = train[n0:n1]

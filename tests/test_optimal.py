@@ -543,11 +543,13 @@ def test_bench_device_record_times_the_chosen_floors_and_the_paths_own(bench_opt
         bench_optimal.parse_args(["--floors", "int8"])
 
 
-@pytest.mark.parametrize("path", ["native", "reference"])
+@pytest.mark.parametrize("path", ["native", "reference", "stream"])
 def test_bench_device_record_on_cpu(bench_optimal, monkeypatch, path):
     torch.set_num_threads(1)
     if path == "reference":
         monkeypatch.setattr(diffmem._native, "use_native", lambda op, device: False)
+    if path == "stream":  # what the CUDA kernel reports: its floors are picked per training dtype
+        monkeypatch.setattr(bench_optimal, "diffmem_path", lambda device: {"path": "stream", "computes_in": "float16"})
     args = bench_optimal.parse_args(["--B", "8", "--N", "200", "--d", "48", "--repeat", "2", "--data", "random",
                                      "--memory-N", "800", "--sigmas", "0.002,1,80"])
     syncs = []
@@ -558,22 +560,24 @@ def test_bench_device_record_on_cpu(bench_optimal, monkeypatch, path):
                                       progress=lambda r: seen.append(sum(map(len, r["runs"].values()))))
     assert seen == [1, 2, 3, 4, 5, 6]
     assert rec["diffmem_path"]["path"] == path
-    floor = "bare_gemm_float64" if path == "reference" else "bare_gemm_float32"
+    floor = {"reference": "bare_gemm_float64", "native": "bare_gemm_float32", "stream": "bare_gemm_float16"}[path]
     assert rec["floor"] == floor and rec["diffmem_path"]["computes_in"] in floor
+    floors = {"uint8": "bare_gemm_int8_float16" if path == "stream" else floor, "float32": floor}
+    assert rec["floor_by_dtype"] == floors
     assert rec["tf32"]["cuda_matmul_allow_tf32"] is False
     assert syncs  # every timed call sits between syncs
     for dtype in ("uint8", "float32"):
         assert list(rec["runs"][dtype]) == ["0.002", "1.0", "80.0"]
         for r in rec["runs"][dtype].values():
             assert set(r) == {"diffmem", "reference", "bare_gemm_float16", "bare_gemm_float32", "bare_gemm_float64",
-                              "targets"}
+                              "bare_gemm_int8_float16", "targets"}
             assert len(r["diffmem"]["times_s"]) == 2 and r["diffmem"]["ratio_vs_diffmem"] == 1.0
             assert r["diffmem"]["rel_err_vs_float64"] <= TOL and r["reference"]["rel_err_vs_float64"] <= 1e-3
-            assert "rel_err_vs_float64" not in r[floor]
+            assert "rel_err_vs_float64" not in r[floors[dtype]]
             (ref_t, floor_t) = r["targets"]
             assert ref_t["method"] == "reference" and ref_t["op"] == ">=" and ref_t["value"] == 5.0
-            assert floor_t["method"] == floor and floor_t["op"] == "<=" and floor_t["value"] == 2.0
-            assert floor_t["measured"] == pytest.approx(r["diffmem"]["median_s"] / r[floor]["median_s"])
+            assert floor_t["method"] == floors[dtype] and floor_t["op"] == "<=" and floor_t["value"] == 2.0
+            assert floor_t["measured"] == pytest.approx(r["diffmem"]["median_s"] / r[floors[dtype]]["median_s"])
             assert isinstance(ref_t["pass"], bool)
         mem = rec["memory"][dtype]
         assert set(mem) == {"N200", "N800"}
@@ -582,7 +586,7 @@ def test_bench_device_record_on_cpu(bench_optimal, monkeypatch, path):
     assert stats.resets == 4
     assert rec["targets_all_pass"] in (True, False)
     text = bench_optimal.device_table(rec)
-    assert f"floor = {floor}" in text and "memory float32 N800" in text
+    assert f"floor = uint8: {floors['uint8']}, float32: {floor};" in text and "memory float32 N800" in text
 
 
 def test_bench_memory_growth_counts_from_before_the_call(bench_optimal):

@@ -247,6 +247,45 @@ def product_error_ratios(kind: str, coherent: bool, device, d=3072, N=512, B=48,
     return float((err / estimate).max()), float((err / bound).max())
 
 
+def int8_product_errors(terms: int, coherent: bool, device, d=3070, N=509, B=48, seed=1):
+    """The int8 tensor-core products of the streaming kernel for uint8 rows (x's first
+    `terms` int8 terms . (v - 128), on `device`, d and N not multiples of 8: padded): the
+    int32 sums against float64 (they must be exact) and the error of x . p they give
+    against the estimate and the rigorous bound chunk_logits uses (split = ||e|| / ||x||)."""
+    from diffmem import optimal_stream as stream
+
+    gen = torch.Generator().manual_seed(seed)
+    train = torch.randint(0, 256, (N, d), generator=gen, dtype=torch.uint8)
+    y = as_rows64(train)
+    x = (y[:B] + 0.01 * torch.randn(B, d, generator=gen, dtype=torch.float64) if coherent
+         else torch.rand(B, d, generator=gen, dtype=torch.float64) * 2 - 1).float()
+    rows = stream._Train(train.to(device), N)
+    d8, R = -(-d // 8) * 8, max(24, -(-B // 8) * 8)
+    q, c, rel = stream.int8_terms(x.double().to(device), R, d8)
+    p8 = rows.int8_rows(0, N, d8)
+    ints = [stream.mm_i8_i32(q[j], p8.T).cpu() for j in range(terms)]
+    p = train.double() - 128.0
+    exact = [q[j].cpu().double()[:B, :d] @ p.T for j in range(terms)]
+    int_err = max(float((t.double()[:B, :N] - e).abs().max()) for t, e in zip(ints, exact))
+    t = sum(ints[j].double()[:B, :N] * c[:, j : j + 1].cpu() for j in range(terms))
+    err = (t - x.double() @ p.T).abs()
+    xp = x.double().norm(dim=1, keepdim=True) * p.norm(dim=1)[None]
+    split = rel[:, terms - 1 : terms].cpu()
+    estimate = stream.product_error(t.abs(), xp, xp, stream.U64, split, math.sqrt(d), d, stream.INT8_WALK)
+    bound = 1.25 * (3.0 * d * stream.U64 + 2.0 * split) * xp
+    return int_err, float((err / estimate).max()), float((err / bound).max())
+
+
+@pytest.mark.parametrize("coherent", [True, False], ids=["coherent", "incoherent"])
+@pytest.mark.parametrize("terms", [2, 3])
+def test_int8_products_are_exact_and_within_the_error_model(terms, coherent):
+    int_err, vs_estimate, vs_bound = int8_product_errors(terms, coherent, DEVICE)
+    print(f"int8 x{terms} {'coherent' if coherent else 'incoherent'}: int32 error {int_err}, worst error / "
+          f"estimate {vs_estimate:.3f}, / bound {vs_bound:.3g}")
+    assert int_err == 0.0
+    assert vs_bound <= 1.0 and vs_estimate <= 1.0
+
+
 @pytest.mark.parametrize("coherent", [True, False], ids=["coherent", "incoherent"])
 @pytest.mark.parametrize("kind", ["uint8", "float32", "bfloat16"])
 def test_tensor_core_products_within_the_error_model(kind, coherent):

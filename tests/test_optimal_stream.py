@@ -14,7 +14,7 @@ import torch
 import diffmem
 from diffmem import optimal_stream as stream
 from test_optimal import LSE_ATOL32, SIGMAS, TOL, as_rows64, dense_denoise, query_cases, rel_err, training_set
-from test_optimal_cuda import _separated_images, product_error_ratios
+from test_optimal_cuda import _separated_images, int8_product_errors, product_error_ratios
 
 GRID = SIGMAS + [0.3, 3.0, 5.0, 20.0, 40.0]
 
@@ -50,31 +50,63 @@ def test_accuracy_near_ties_and_far(kind):
 
 
 def test_plain_float16_products_would_fail(monkeypatch):
-    """The check above can fail: without the second float16 term of x (one GEMM instead
-    of two) the same computation misses the budget."""
+    """The check above can fail: without the second float16 term of x and of float32 rows
+    (one GEMM instead of three) the same computation misses the budget."""
     monkeypatch.setattr(stream, "split_f16", lambda v: (v.half(), torch.zeros_like(v.half())))
-    train, gen = train_of("uint8")
+    assert worst_error("float32", (1.0, 3.0, 20.0)) > TOL
+
+
+def test_one_int8_term_would_fail(monkeypatch):
+    """uint8 rows: with x's int8 terms after the first zeroed (their error unreported), the
+    same computation misses the budget: the int8 products are what makes it accurate."""
+    terms = stream.int8_terms
+
+    def first_term_only(xd, rows_out, cols_out):
+        q, c, rel = terms(xd, rows_out, cols_out)
+        q[1:] = 0
+        return q, c, rel
+
+    monkeypatch.setattr(stream, "int8_terms", first_term_only)
+    assert worst_error("uint8", (1.0, 3.0, 20.0)) > TOL
+
+
+def worst_error(kind, sigmas):
+    train, gen = train_of(kind)
     y = as_rows64(train)
     worst = 0.0
-    for sigma in (1.0, 3.0, 20.0):
+    for sigma in sigmas:
         x = query_cases(y, gen, sigma)
         ref, _ = dense_denoise(x, sigma, train)
         D, _ = run(x, train, sigma)
         worst = max(worst, rel_err(D, ref))
-    assert worst > TOL
+    return worst
 
 
+# Escalation ladders forced one way: float32 rows take the float16 tiers (ESCALATE: one
+# term, two, blocked, float64), uint8 rows the int8 ones (ESCALATE_INT8: two terms, three,
+# float64)
 TIERS = {"exact-only": (math.inf, math.inf, math.inf), "two-terms-always": (-1.0, math.inf, math.inf),
          "blocked-always": (-1.0, -1.0, math.inf), "dense-always": (-1.0, -1.0, -1.0)}
+INT8_TIERS = {"int8-exact-only": (math.inf, math.inf), "int8-three-terms-always": (-1.0, math.inf),
+              "int8-dense-always": (-1.0, -1.0)}
 
 
-@pytest.mark.parametrize("path", list(TIERS))
-def test_every_precision_tier_is_accurate(path, monkeypatch):
-    """Direct differences for every inexact item at the first tier (one float16 term), or
-    every chunk at two terms, at the blocked products, or at the float64 GEMM."""
+def force_ladder(monkeypatch, path: str) -> str:
+    """Sets the ladder `path` and returns the kind of rows that takes it."""
+    if path in INT8_TIERS:
+        monkeypatch.setattr(stream, "ESCALATE_INT8", INT8_TIERS[path])
+        return "uint8"
     monkeypatch.setattr(stream, "ESCALATE", TIERS[path])
     monkeypatch.setattr(stream, "FIRST_TIER", 0 if path == "exact-only" else 1)
-    train, gen = train_of("uint8")
+    return "float32"
+
+
+@pytest.mark.parametrize("path", list(TIERS) + list(INT8_TIERS))
+def test_every_precision_tier_is_accurate(path, monkeypatch):
+    """Direct differences for every inexact item at the first tier (one float16 term, two
+    int8 terms), or every chunk at two float16 terms, at the blocked products, at three
+    int8 terms, or at the float64 GEMM."""
+    train, gen = train_of(force_ladder(monkeypatch, path))
     y = as_rows64(train)
     for sigma in (0.002, 0.3, 3.0, 80.0):
         x = query_cases(y, gen, sigma)
@@ -112,12 +144,13 @@ def test_chunks_and_uneven_tail(kind, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["uint8", "float32"])
 def test_few_items_matter_one_term_and_active_rows(kind, monkeypatch):
-    """Small sigma over several chunks: after the first chunk (two float16 terms) the
-    logits take one term, the weighted sums multiply only the few rows that some query
-    weighs, and the result stays within the budget."""
+    """Small sigma over several chunks: the logits take the first tier (float rows: after
+    the first chunk, one float16 term; uint8 rows: two int8 terms, one GEMM, throughout),
+    the weighted sums multiply only the few rows that some query weighs, and the result
+    stays within the budget."""
     d, rows = 3072, 1000
-    calls = {"logit_gemms": 0, "narrow_weight_gemms": 0}
-    mm = stream.mm_f16_f32
+    calls = {"logit_gemms": 0, "int8_logit_gemms": 0, "narrow_weight_gemms": 0}
+    mm, int_mm = stream.mm_f16_f32, stream.mm_i8_i32
 
     def counted_mm(a, b, acc=None):
         if a.shape[1] == d:  # x's terms (B, d) @ rows.T
@@ -126,19 +159,25 @@ def test_few_items_matter_one_term_and_active_rows(kind, monkeypatch):
             calls["narrow_weight_gemms"] += 1
         return mm(a, b, acc)
 
+    def counted_int_mm(a, b):
+        calls["int8_logit_gemms"] += 1
+        return int_mm(a, b)
+
     monkeypatch.setattr(stream, "mm_f16_f32", counted_mm)
+    monkeypatch.setattr(stream, "mm_i8_i32", counted_int_mm)
     monkeypatch.setattr(stream, "chunk_rows", lambda B, N, d: rows)
     train, gen = training_set(kind, N=4 * rows, d=d, seed=3)
     y = as_rows64(train)
-    two_terms = 2 if kind == "uint8" else 3  # logit GEMMs of a chunk at two terms
     for sigma in (0.002, 0.05, 0.3):
-        calls.update(logit_gemms=0, narrow_weight_gemms=0)
+        calls.update(logit_gemms=0, int8_logit_gemms=0, narrow_weight_gemms=0)
         x = query_cases(y, gen, sigma)
         D, lse = run(x, train, sigma)
         ref, ref_lse = dense_denoise(x, sigma, train)
         assert_accurate(D, lse, ref, ref_lse, f"{kind} sigma={sigma}")
-        # chunks 1 and 2 (queued before chunk 1's verdict) at two terms, chunks 3 and 4 at one
-        assert calls["logit_gemms"] == 2 * two_terms + 2, f"sigma={sigma}: {calls}"
+        if kind == "uint8":  # one int8 GEMM (two terms stacked) per chunk
+            assert calls["logit_gemms"] == 0 and calls["int8_logit_gemms"] == 4, f"sigma={sigma}: {calls}"
+        else:  # chunks 1 and 2 (queued before chunk 1's verdict) at two terms (3 GEMMs), 3 and 4 at one
+            assert calls["logit_gemms"] == 2 * 3 + 2 and calls["int8_logit_gemms"] == 0, f"sigma={sigma}: {calls}"
         # per chunk: the weights over the few rows that matter, and the rounding residuals of
         # those holding a sizeable share (a chunk may have none), as narrow
         terms = 1 if kind == "uint8" else 2
@@ -244,14 +283,12 @@ def test_nan_in_train_and_unsupported_inputs():
                                torch.ones(2, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("tiers", list(TIERS))
+@pytest.mark.parametrize("tiers", list(TIERS) + list(INT8_TIERS))
 def test_compiled_stages_equal_eager(monkeypatch, tiers):
     """The fused (torch.compile) form of the stages, the default on CUDA, computes what the
     eager one does at every precision tier and sigma."""
-    monkeypatch.setattr(stream, "ESCALATE", TIERS[tiers])
-    monkeypatch.setattr(stream, "FIRST_TIER", 0 if tiers == "exact-only" else 1)
-    train, gen = train_of("uint8")
-    train = train[:64, :192].contiguous()
+    train, gen = train_of(force_ladder(monkeypatch, tiers))
+    train = train[:64, :190].contiguous()  # 190: int8 rows padded to 192 features
     y = as_rows64(train)
     cases = [(sigma, query_cases(y, gen, sigma)) for sigma in (0.002, 0.3, 3.0, 80.0)]
     eager = [run(x, train, sigma) for sigma, x in cases]
@@ -462,12 +499,45 @@ def test_emulated_products_within_the_error_model(kind, coherent):
     assert vs_estimate <= 1.0 and vs_bound <= 1.0
 
 
+@pytest.mark.parametrize("coherent", [True, False], ids=["coherent", "incoherent"])
+@pytest.mark.parametrize("terms", [2, 3])
+def test_int8_products_exact_and_within_the_error_model(terms, coherent):
+    """The same measure for the int8 products of uint8 rows: exact int32 sums, and x . p
+    within the estimate and the bound of x's residual after the terms."""
+    int_err, vs_estimate, vs_bound = int8_product_errors(terms, coherent, "cpu")
+    assert int_err == 0.0 and vs_estimate <= 1.0 and vs_bound <= 1.0
+
+
+def test_int8_terms_resolve_x():
+    """x's int8 terms: each in [-127, 127], each residual at most half a step of the next
+    (8 bits per term), the relative residuals reported as they are, zero padding, and
+    x = 0 and float32's extremes handled."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 37, generator=gen, dtype=torch.float64) * torch.tensor([1e-30, 1e-3, 1.0, 1e4, 1e37])[:, None]
+    x = torch.cat([x.float().double(), torch.zeros(1, 37, dtype=torch.float64)])
+    q, c, rel = stream.int8_terms(x, 24, 40)
+    assert q.shape == (stream.INT8_TERMS, 24, 40) and q.dtype == torch.int8
+    assert not q[:, 6:].any() and not q[:, :, 37:].any()
+    approx = torch.zeros_like(x)
+    top = x.abs().amax(1, keepdim=True)
+    for j in range(stream.INT8_TERMS):
+        approx = approx + c[:, j : j + 1] * q[j, :6, :37].double()
+        e = x - approx
+        step = top / 127 / stream.INT8_STEP**j
+        assert ((e.abs() <= 0.5 * step * (1 + 1e-12)) | (top == 0)).all(), j
+        xn = x.norm(dim=1, keepdim=True)
+        expect = torch.where(xn > 0, e.norm(dim=1, keepdim=True) / xn.clamp_min(1e-300), 0.0)
+        assert torch.equal(rel[:, j : j + 1], expect)
+    assert (rel[:5, -1] <= 2.0**-22).all() and rel[5].eq(0).all()
+
+
 def test_work_counting_script_on_cifar10(tmp_path):
-    """bench/optimal_work.py counts the kernel's GEMM work: one term and active rows only
-    where few items matter (small sigma), two terms and a dense weighted sum at large sigma
-    (3 units, plus the rounding residuals of the first chunk's items, which hold a sizeable
-    share of the weight while little has been summed: at most one more unit's first chunk),
-    and D within the budget."""
+    """bench/optimal_work.py counts the kernel's GEMM work. CIFAR-10 rows are uint8, so the
+    logits take int8 products: two terms (one int8 unit) where few items matter (small
+    sigma; the weighted sum over active rows only) and at large sigma, where the weighted
+    sum is dense (one float16 unit), plus the rounding residuals of the first chunk's
+    items, which hold a sizeable share of the weight while little has been summed (at most
+    one more unit's first chunk); and D within the budget."""
     import json
     import sys
 
@@ -477,10 +547,13 @@ def test_work_counting_script_on_cifar10(tmp_path):
     from bench import optimal_work
 
     out = tmp_path / "work.json"
-    assert optimal_work.main(["--B", "16", "--N", "2000", "--sigmas", "0.002,80", "--threads", "1",
+    B = 24  # no padded query rows (torch._int_mm asks for more than 16)
+    assert optimal_work.main(["--B", str(B), "--N", "2000", "--sigmas", "0.002,80", "--threads", "1",
                               "--data", str(shared_data("cifar10-train.npz")), "--json", str(out)]) == 0
     small, large = json.loads(out.read_text())["runs"]
-    assert small["float16_gemm_units"] < 3.0
-    first_chunk = min(1.0, stream.chunk_rows(16, 2000, 3072) / 2000)
-    assert 3.0 <= large["float16_gemm_units"] <= 3.0 + first_chunk + 1e-9, large
+    assert small["int8_gemm_units"] == 2.0 and small["float16_gemm_units"] < 0.5, small
+    first_chunk = min(1.0, stream.chunk_rows(B, 2000, 3072) / 2000)
+    assert large["int8_gemm_units"] == 2.0, large
+    assert 1.0 <= large["float16_gemm_units"] <= 1.0 + first_chunk + 1e-9, large
+    assert large["float16_equivalent_units"] == round(large["float16_gemm_units"] + 1.0, 4)
     assert max(small["rel_err_vs_float64"], large["rel_err_vs_float64"]) <= TOL
