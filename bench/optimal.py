@@ -164,14 +164,13 @@ def methods(x, train, y32, sigma, *, floors=None, y64=None):
         return run
 
     def bare_int8_float16(y):
-        # the first product on int8 tensor cores (torch._int_mm: K and N multiples of 8),
-        # the second in float16 with float32 results
-        B, d = x.shape
-        d8, n8 = -(-d // 8) * 8, -(-y.shape[0] // 8) * 8
-        x8 = torch.nn.functional.pad((x / x.abs().amax(1, keepdim=True).clamp_min(1e-30) * 127).round()
-                                     .to(torch.int8), (0, d8 - d, 0, max(0, 17 - B)))
-        p8 = torch.nn.functional.pad((y * 127.5).round().clamp(-128, 127).to(torch.int8),
-                                     (0, d8 - d, 0, n8 - y.shape[0]))
+        # the first product on int8 tensor cores, shaped as the kernel shapes it (x's first
+        # int8 term; rows y * 127.5 - 0.5 = v - 128 for pixels), the second in float16 with
+        # float32 results
+        R, d8 = optimal_stream.int8_shapes(*x.shape)
+        x8 = optimal_stream.int8_terms(x.double(), R, d8)[0][0]
+        p8 = (y * 127.5 - 0.5).round().clamp(-128, 127).to(torch.int8)
+        p8 = torch.nn.functional.pad(p8, (0, d8 - p8.shape[1], 0, optimal_stream.round8(p8.shape[0]) - p8.shape[0]))
         y16, w16 = y.half(), W.half()
 
         def run():
@@ -358,7 +357,7 @@ def device_record(args, device: torch.device, *, sync=_no_sync, stats=None, log=
 
 def device_table(record: dict) -> str:
     floors = record["floors"]
-    floor_by_dtype = record.get("floor_by_dtype") or {dtype: record["floor"] for dtype in record["runs"]}
+    floor_by_dtype = record["floor_by_dtype"]
     floor_text = ", ".join(f"{dtype}: {f}" for dtype, f in floor_by_dtype.items())
     lines = [f"diffmem path: {record['diffmem_path']['path']} (computes in {record['diffmem_path']['computes_in']}); "
              f"floor = {floor_text}; TF32 matmul {'on' if record['tf32']['cuda_matmul_allow_tf32'] else 'off'}",

@@ -139,11 +139,17 @@ def mm_i8_i32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def int8_fits(d: int) -> bool:
     """Whether int32 holds every x-term . p sum over d features (|q| <= 127, |p| <= 128)."""
-    return hasattr(torch, "_int_mm") and _round8(d) * 127 * 128 < 2**31
+    return hasattr(torch, "_int_mm") and round8(d) * 127 * 128 < 2**31
 
 
-def _round8(n: int) -> int:
+def round8(n: int) -> int:
     return -(-n // 8) * 8
+
+
+def int8_shapes(B: int, d: int) -> tuple[int, int]:
+    """Rows per int8 term of x and padded features: torch._int_mm on CUDA asks for more
+    than 16 rows and K a multiple of 8."""
+    return max(24, round8(B)), round8(d)
 
 
 def int8_terms(xd: torch.Tensor, rows_out: int, cols_out: int):
@@ -225,7 +231,7 @@ class _Train:
         of 8 rows and to `cols` features (torch._int_mm's shapes on CUDA)."""
         rows = self.raw[n0:n1]
         p = (rows.to(torch.int16) - 128).to(torch.int8)
-        pad_rows, pad_cols = _round8(p.shape[0]) - p.shape[0], cols - p.shape[1]
+        pad_rows, pad_cols = round8(p.shape[0]) - p.shape[0], cols - p.shape[1]
         return torch.nn.functional.pad(p, (0, pad_cols, 0, pad_rows)) if pad_rows or pad_cols else p
 
     def as_float64(self, n0: int, n1: int) -> torch.Tensor:
@@ -534,7 +540,7 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
     top_tier = len(escalate)  # the float64 GEMM
     small = {}  # chunk start -> its small products at tier 1 (int8: its int8 rows and two-term products)
     if int8:
-        d8, R = _round8(d), max(24, _round8(B))  # torch._int_mm: K multiple of 8, more than 16 rows
+        R, d8 = int8_shapes(B, d)
         x_terms, x_scales, x_rel = int8_terms(xd, R, d8)
         x_two, x_third = x_terms[:2].reshape(2 * R, d8), x_terms[2]
         int8_split = (x_rel[:, 1:2].contiguous(), x_rel[:, 2:3].contiguous())  # after two and three terms
@@ -549,11 +555,10 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
     def logits_at(tier, n0, n1, hi, lo, excluded, best_so_far):
         common = (x_sum, nx, xn, rows.ny[n0:n1])
         if int8 and tier < top_tier:
-            p8, t2 = small.pop(n0, (None, None))  # kept from tier 0 where the chunk moves up from there
-            if p8 is None:
+            if n0 not in small:  # else kept from tier 0, the chunk moving up from there
                 p8 = rows.int8_rows(n0, n1, d8)
-                t2 = mm_i8_i32(x_two, p8.T)  # terms 1 and 2 . p, exact
-            small[n0] = (p8, t2)
+                small[n0] = (p8, mm_i8_i32(x_two, p8.T))  # terms 1 and 2 . p, exact
+            p8, t2 = small[n0]
             t3 = mm_i8_i32(x_third, p8.T) if tier == 1 else None
             return int8_stage(t2, t3, x_scales, int8_split[tier], *common, rows.pn[n0:n1], m, inv,
                               a_t, b_t, best_so_far, excluded, one, u64, d)

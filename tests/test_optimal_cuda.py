@@ -260,7 +260,7 @@ def int8_product_errors(terms: int, coherent: bool, device, d=3070, N=509, B=48,
     x = (y[:B] + 0.01 * torch.randn(B, d, generator=gen, dtype=torch.float64) if coherent
          else torch.rand(B, d, generator=gen, dtype=torch.float64) * 2 - 1).float()
     rows = stream._Train(train.to(device), N)
-    d8, R = -(-d // 8) * 8, max(24, -(-B // 8) * 8)
+    R, d8 = stream.int8_shapes(B, d)
     q, c, rel = stream.int8_terms(x.double().to(device), R, d8)
     p8 = rows.int8_rows(0, N, d8)
     ints = [stream.mm_i8_i32(q[j], p8.T).cpu() for j in range(terms)]
