@@ -28,6 +28,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import cli  # noqa: E402
 from diffmem.training.checkpoint import write_atomic  # noqa: E402
 
 PART_NAME = re.compile(r"^(?P<stem>.+)\.part(?P<i>\d+)of(?P<n>\d+)\.npz$")
@@ -148,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("split", help="cut an .npz into parts (here)")
     p.add_argument("source", type=pathlib.Path)
-    p.add_argument("--parts", type=int, required=True)
+    p.add_argument("--parts", type=cli.positive_int, required=True)
     p.add_argument("--out", type=pathlib.Path, default=ROOT / "carry")
     h = sub.add_parser("head", help="the first rows of an .npz, to carry whole (here)")
     h.add_argument("source", type=pathlib.Path)
-    h.add_argument("--rows", type=int, required=True)
+    h.add_argument("--rows", type=cli.positive_int, required=True)
     h.add_argument("--out", type=pathlib.Path, required=True)
     g = sub.add_parser("gather", help="stash carried parts and join complete sets (on the device)")
     g.add_argument("--carried", type=pathlib.Path, default=ROOT / "carry")

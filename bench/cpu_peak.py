@@ -17,6 +17,11 @@ import subprocess
 import sys
 import tempfile
 
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))
+
+from bench import cli  # noqa: E402
+
 HERE = pathlib.Path(__file__).resolve().parent
 
 
@@ -39,7 +44,7 @@ def measure(threads: int = 2, isa: str = "avx2") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=cli.positive_int, default=2)
     parser.add_argument("--isa", choices=ISAS, default="avx2", help="the instructions to time (the CPU must have them)")
     args = parser.parse_args(argv)
     try:

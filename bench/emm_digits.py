@@ -20,15 +20,16 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import cli  # noqa: E402
 from bench.machine import cpu_model, git_commit, git_dirty, slug  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--min", type=int, default=8)
-    parser.add_argument("--max", type=int, default=1024)
-    parser.add_argument("--tolerance", type=float, default=0.25)
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--min", type=cli.positive_int, default=8)
+    parser.add_argument("--max", type=cli.positive_int, default=1024)
+    parser.add_argument("--tolerance", type=cli.positive_float, default=0.25)
+    parser.add_argument("--jobs", type=cli.positive_int, default=2)
     parser.add_argument("--outdir", default=str(ROOT / "runs" / "emm-digits-bench"))
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -62,4 +63,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main("emm_digits", main))

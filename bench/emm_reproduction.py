@@ -28,6 +28,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import cli  # noqa: E402
 from bench.machine import cpu_model, git_commit, git_dirty, slug  # noqa: E402
 from diffmem.training.checkpoint import write_json_atomic  # noqa: E402
 
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
                         help="CIFAR-10 training set (.npz or torchvision root)")
     parser.add_argument("--outdir", default=None, help="sweep folder (default: runs/reproduction-<scale>)")
     parser.add_argument("--devices", default=None, help="cpu or GPU numbers (default: cpu for --scale cpu, else 0)")
-    parser.add_argument("--jobs", type=int, default=2, help="parallel runs per device (default: 2)")
+    parser.add_argument("--jobs", type=cli.positive_int, default=2, help="parallel runs per device (default: 2)")
     parser.add_argument("--json", default=None, help="where to write the JSON summary")
     args = parser.parse_args(argv)
 
@@ -172,4 +173,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main("emm_reproduction", main))

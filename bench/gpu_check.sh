@@ -34,7 +34,8 @@
 #                 op's CUDA kernel (tensor-core streaming, diffmem/optimal_stream.py;
 #                 torch.compile of its stages on first use)                     (cap 150 s)
 #   bench_optimal DIFFMEM_CUDA_OPTIMAL=1 python bench/optimal.py --device cuda --data random
-#                 --floors float16 --sigmas 0.002,1,5,80 --repeat 3 (and, for uint8 rows,
+#                 --floors float16 --sigmas 0.002,1,5,80 --repeat 3 --profile (one profiled call each
+#                 of diffmem and its floor per run: GEMM vs compiled vs idle time; and, for uint8 rows,
 #                 the path's int8 + float16 floor, always timed; CIFAR-10's 50,000 rows
 #                 do not travel with the tree; random rows, and the record says so) (cap 120 s)
 #   bench_train   python bench/train_throughput.py --device cuda --warmup 3 --steps 20
@@ -215,7 +216,7 @@ run_step bench_knn 120 env DIFFMEM_CUDA_KNN="$CUDA_KNN" "$PYTHON" bench/knn.py -
 run_step test_optimal 150 "$PYTHON" -m pytest tests/test_optimal_cuda.py -q -rs -p no:cacheprovider --durations=10
 echo "(bench_optimal runs with DIFFMEM_CUDA_OPTIMAL=${GPU_CHECK_CUDA_OPTIMAL:-1})" >>"$SUMMARY"
 run_step bench_optimal 120 env DIFFMEM_CUDA_OPTIMAL="${GPU_CHECK_CUDA_OPTIMAL:-1}" "$PYTHON" bench/optimal.py \
-    --device cuda --data random --floors float16 --sigmas 0.002,1,5,80 --repeat 3
+    --device cuda --data random --floors float16 --sigmas 0.002,1,5,80 --repeat 3 --profile
 run_step bench_train 240 "$PYTHON" bench/train_throughput.py --device cuda --warmup 3 --steps 20 --compile-limit 90 \
     --variants fp32_eager,bf16_channels_last,fp32_compile,bf16_channels_last_compile
 # tile and chunk sizes of both kernels against their floors (the kNN part needs its tests passed)

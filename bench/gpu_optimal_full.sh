@@ -64,7 +64,7 @@ case "$STAGE" in
     bench)
         MARK="$(mktemp)"
         DIFFMEM_CUDA_OPTIMAL=1 timeout -k 10 "$LIMIT" "$PYTHON" bench/optimal.py --device cuda --data random \
-            --floors float16 --sigmas 0.002,1,5,80 --repeat 3
+            --floors float16 --sigmas 0.002,1,5,80 --repeat 3 --profile
         rc=$?
         echo "exit code $rc"
         find bench/results -maxdepth 1 -name 'optimal-*.json' -newer "$MARK" -exec cp {} "$OUT/" \;

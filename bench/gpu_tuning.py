@@ -27,7 +27,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import knn_data, knn_methods, machine  # noqa: E402
+from bench import cli, knn_data, knn_methods, machine  # noqa: E402
 from bench.knn import sync_for, time_calls  # noqa: E402
 from diffmem.training.checkpoint import write_json_atomic  # noqa: E402
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--small", action="store_true", help="tiny sizes (a smoke test)")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=cli.positive_int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parts", default="knn,optimal", help="comma list of knn, optimal")
     parser.add_argument("--json", type=pathlib.Path, default=None)
@@ -130,4 +130,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main("gpu_tuning", main))

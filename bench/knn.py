@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 import numpy as np
 import torch
 
-from bench import contention, cpu_peak, knn_check, knn_data, knn_methods, knn_report, machine
+from bench import cli, contention, cpu_peak, knn_check, knn_data, knn_methods, knn_report, machine
 
 DEFAULT_SIZES = {"cpu": dict(Q=2000, N=10000, d=3072), "cuda": dict(Q=10000, N=50000, d=3072)}
 DEFAULT_METHODS = "diffmem,faiss_flat_l2,cdist_topk,cdist_topk_compiled,bare_gemm"
@@ -34,26 +34,26 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default: cpu")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="torch and faiss threads (default: 2 on CPU, torch's own on CUDA)")
-    p.add_argument("--Q", type=int, help="queries (default: CPU 2000, CUDA 10000)")
-    p.add_argument("--N", type=int, help="references (default: CPU 10000, CUDA 50000)")
-    p.add_argument("--d", type=int, help="row length (default: 3072 = 32x32x3)")
-    p.add_argument("--k", type=int, default=2, help="neighbours per query (default: 2)")
+    p.add_argument("--Q", type=cli.positive_int, help="queries (default: CPU 2000, CUDA 10000)")
+    p.add_argument("--N", type=cli.positive_int, help="references (default: CPU 10000, CUDA 50000)")
+    p.add_argument("--d", type=cli.positive_int, help="row length (default: 3072 = 32x32x3)")
+    p.add_argument("--k", type=cli.int_at_least(1, 32), default=2, help="neighbours per query, 1..32 (default: 2)")
     p.add_argument("--dtype", default="uint8,float32",
                    help="comma list of diffmem input dtypes, each a separate run: uint8, "
                         "float32, float64 (the baselines take float32 copies) (default: uint8,float32)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma list (default: {DEFAULT_METHODS}); bare_gemm = "
                         "bare_gemm_f32,bare_gemm_int8")
-    p.add_argument("--repeat", type=int, default=5,
+    p.add_argument("--repeat", type=cli.positive_int, default=5,
                    help="timed runs after 1 warm-up; the median is reported (default: 5)")
     p.add_argument("--data", choices=["random", "cifar10"], default="random",
                    help="random uint8 pixels, or CIFAR-10 rows with planted copies "
                         "(default: random)")
     p.add_argument("--data-dir", type=Path, default=knn_data.DEFAULT_DATA_DIR,
                    help="folder with cifar10-train.npz (default: ../shared/data)")
-    p.add_argument("--exact-rows", type=int, default=64,
+    p.add_argument("--exact-rows", type=cli.nonnegative_int, default=64,
                    help="query rows checked against float64 ground truth, 0 = off (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="default: 0")
     p.add_argument("--out", type=Path,
@@ -64,7 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = set(args.dtypes) - set(knn_methods.DTYPES)
     if bad:
         p.error(f"--dtype must be among {', '.join(knn_methods.DTYPES)}, got {sorted(bad)}")
-    args.method_names = knn_methods.expand_names([m for m in args.methods.split(",") if m])
+    try:
+        args.method_names = knn_methods.expand_names([m for m in args.methods.split(",") if m])
+    except ValueError as exc:  # an unknown method: a usage error, not a traceback
+        p.error(f"--methods: {exc}")
     return args
 
 
@@ -306,4 +309,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_main("knn", main))

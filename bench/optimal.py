@@ -24,6 +24,8 @@ diffmem._native; set DIFFMEM_CUDA_OPTIMAL=1 to measure it); for the CUDA kernel
 tensor cores there), float16 otherwise. Memory: torch.cuda.max_memory_allocated() growth of one call at N and
 at --memory-N (default N / 4). The float64 truth is computed on the GPU. Targets (issue
 5, judged at the default sizes): reference / diffmem >= 5 and diffmem / floor <= 2.
+--profile: one profiled call of diffmem and of its floor per run besides
+(bench/kernel_profile.py: time in GEMMs, compiled kernels and the rest).
 Prints a table and writes a JSON record (command, commit, device, versions, shapes,
 dtypes, median times, ratios); see bench/README.md.
 """
@@ -44,7 +46,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 import numpy as np
 import torch
 
-from bench import contention, knn_data, knn_report, machine
+from bench import cli, contention, kernel_profile, knn_data, knn_report, machine
 from bench.knn import environment, set_threads, time_calls
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -59,30 +61,34 @@ CUDA_TARGETS = (("reference", "method/diffmem", ">=", 5.0), ("floor", "diffmem/m
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default: cpu")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="torch threads (default: 2 on CPU, torch's own on CUDA)")
-    p.add_argument("--B", type=int, help="queries (default: CPU 64, CUDA 512)")
-    p.add_argument("--N", type=int, help="training items (default: CPU 5000, CUDA 50000)")
-    p.add_argument("--d", type=int, help="row length (default: 3072 = 32x32x3)")
-    p.add_argument("--sigmas", default=DEFAULT_SIGMAS, help=f"comma list (default: {DEFAULT_SIGMAS})")
+    p.add_argument("--B", type=cli.positive_int, help="queries (default: CPU 64, CUDA 512)")
+    p.add_argument("--N", type=cli.positive_int, help="training items (default: CPU 5000, CUDA 50000)")
+    p.add_argument("--d", type=cli.positive_int, help="row length (default: 3072 = 32x32x3)")
+    p.add_argument("--sigmas", type=cli.number_list(float, 0.0, strict=True), default=DEFAULT_SIGMAS,
+                   help=f"comma list, each > 0 (default: {DEFAULT_SIGMAS})")
     p.add_argument("--dtype", default="uint8,float32", help="training-set dtypes (default: uint8,float32)")
-    p.add_argument("--repeat", type=int, default=5, help="timed runs after 1 warm-up (default: 5)")
+    p.add_argument("--repeat", type=cli.positive_int, default=5, help="timed runs after 1 warm-up (default: 5)")
     p.add_argument("--floors", default=",".join(f.removeprefix("bare_gemm_") for f in CUDA_FLOORS),
                    help="CUDA: the bare-GEMM floors to time, comma list of float16,float32,float64,int8_float16 (default: "
                         "all); the floor of the precision the op computes in is always timed")
     p.add_argument("--data", choices=["random", "cifar10"], default="cifar10",
                    help="training rows: CIFAR-10 (default) or random uint8 pixels")
     p.add_argument("--data-dir", type=Path, default=knn_data.DEFAULT_DATA_DIR)
-    p.add_argument("--memory-N", type=int,
+    p.add_argument("--memory-N", type=cli.positive_int,
                    help="second N of the memory check (default: CPU 20000, CUDA 12500)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one call of diffmem and of its floor per run (torch.profiler: time in "
+                        "GEMMs, compiled kernels and the rest; bench/kernel_profile.py)")
     p.add_argument("--out", type=Path, help="JSON path (default: bench/results/optimal-<device>.json; "
                                             "non-default sizes get a suffix)")
     args = p.parse_args(argv)
     machine.resolve_device_defaults(p, args, DEFAULT_SIZES[args.device], ("B", "N", "d", "memory_N", "repeat"))
     if args.B > args.N:
         p.error(f"--B ({args.B}) must not exceed --N ({args.N}): queries are noisy training rows")
-    args.sigma_list = [float(s) for s in args.sigmas.split(",") if s]
+    args.sigma_list = args.sigmas
     args.dtypes = [t for t in args.dtype.split(",") if t]
     args.floor_names = [f"bare_gemm_{f}" for f in args.floors.split(",") if f]
     bad = set(args.floor_names) - set(CUDA_FLOORS)
@@ -189,9 +195,11 @@ def methods(x, train, y32, sigma, *, floors=None, y64=None):
     return out
 
 
-def run_one(x, train, y32, y64, sigma, repeat, *, floors=None, sync=_no_sync, measure_load=True) -> dict:
+def run_one(x, train, y32, y64, sigma, repeat, *, floors=None, sync=_no_sync, measure_load=True,
+            profile=()) -> dict:
     """Times every method (median of `repeat` after a warm-up, `sync` around each call) and
-    records its relative error against the float64 truth (computed on x's device)."""
+    records its relative error against the float64 truth (computed on x's device); the
+    methods named in `profile` also get one profiled call (bench/kernel_profile.py)."""
     truth = float64_truth(x, y64, sigma)
     res = {}
     for name, fn in methods(x, train, y32, sigma, floors=floors, y64=y64).items():
@@ -201,6 +209,8 @@ def run_one(x, train, y32, y64, sigma, repeat, *, floors=None, sync=_no_sync, me
              "other_cpu_load": load.fraction if measure_load else None}
         if not name.startswith("bare_gemm"):
             r["rel_err_vs_float64"] = rel_err(out, truth)
+        if name in profile:  # after the timed calls: warm, and its overhead in no timing
+            r["profile"] = kernel_profile.profile_call(fn, x.device, sync)
         res[name] = r
         del out
     base = res["diffmem"]["median_s"]
@@ -332,7 +342,8 @@ def device_record(args, device: torch.device, *, sync=_no_sync, stats=None, log=
                 x = (y_pick + sigma * noise).float().to(device)
                 log(f"{dtype} sigma={sigma}")
                 res = run_one(x, train, y32, y64, sigma, args.repeat, floors=floors, sync=sync,
-                              measure_load=False)
+                              measure_load=False,
+                              profile=("diffmem", floor_by_dtype[dtype]) if args.profile else ())
                 add_targets(res, dtype, floor_by_dtype[dtype])
                 record["runs"][dtype][str(sigma)] = res
                 log(f"{dtype} sigma={sigma}: diffmem {res['diffmem']['median_s']:.4f} s, "
@@ -376,11 +387,19 @@ def device_table(record: dict) -> str:
     lines.append("targets: " + ", ".join(f"{m}: {metric} {op} {v:g}"
                                          for m, metric, op, v in CUDA_TARGETS)
                  + f" -> all pass: {record['targets_all_pass']}")
+    lines += profile_lines(record)
     for dtype, mem in record["memory"].items():
         for key, r in mem.items():
             lines.append(f"memory {dtype} {key}: peak allocated +{r['peak_allocated_growth_bytes'] / 2**20:.1f} MB "
                          f"(dense B x N float32 would be {r['dense_B_by_N_float32_bytes'] / 2**20:.1f} MB)")
     return "\n".join(lines)
+
+
+def profile_lines(record: dict) -> list[str]:
+    """One line per profiled method and run (--profile)."""
+    return [f"profile {dtype} sigma={sigma} {name}: {kernel_profile.summary(r['profile'])}"
+            for dtype, per_sigma in record["runs"].items() for sigma, run in per_sigma.items()
+            for name, r in run.items() if "profile" in r]
 
 
 _MEMORY_CHILD = """
@@ -435,6 +454,7 @@ def table(record: dict) -> str:
                          f"{gemm['median_s']:12.4f} {ref['ratio_vs_diffmem']:11.2f} "
                          f"{dm['median_s'] / gemm['median_s']:12.2f} {dm['rel_err_vs_float64']:11.1e} "
                          f"{ref['rel_err_vs_float64']:9.1e}")
+    lines += profile_lines(record)
     for dtype, mem in record["memory"].items():
         for key, r in mem.items():
             if "peak_rss_growth_bytes" in r:
@@ -469,7 +489,8 @@ def main(argv=None) -> dict:
         for sigma in args.sigma_list:
             x = (y64[pick] + sigma * torch.randn(args.B, args.d, generator=gen, dtype=torch.float64)).float()
             print(f"{dtype} sigma={sigma}", file=sys.stderr, flush=True)
-            record["runs"][dtype][str(sigma)] = run_one(x, train, y32, y64, sigma, args.repeat)
+            record["runs"][dtype][str(sigma)] = run_one(x, train, y32, y64, sigma, args.repeat,
+                                                        profile=("diffmem", "bare_gemm") if args.profile else ())
     tmp = out_path.with_suffix(".rows.npy")
     try:
         np.save(tmp, rows)
@@ -505,4 +526,4 @@ def main_cuda(args) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_main("optimal", main))

@@ -33,6 +33,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import cli  # noqa: E402
 from bench.machine import device_name, git_commit, git_dirty, slug  # noqa: E402
 from diffmem.diffusion import EmpiricalOptimalDenoiser, heun_sampler  # noqa: E402
 
@@ -194,11 +195,11 @@ def plot(record: dict, path: pathlib.Path, num_samples: int, steps: int, sigma_m
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=1000, help="samples per setting (default: 1000)")
-    parser.add_argument("--steps", type=int, default=18, help="Heun steps (default: 18, EDM's)")
-    parser.add_argument("--sigma-min", type=float, default=0.002, help="lowest noise level before the last step")
-    parser.add_argument("--step-checks", default="6,100", help="other step counts to rerun the paper grids with")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--samples", type=cli.positive_int, default=1000, help="samples per setting (default: 1000)")
+    parser.add_argument("--steps", type=cli.positive_int, default=18, help="Heun steps (default: 18, EDM's)")
+    parser.add_argument("--sigma-min", type=cli.positive_float, default=0.002, help="lowest noise level before the last step")
+    parser.add_argument("--step-checks", type=cli.number_list(int, 0, strict=True, allow_empty=True), default="6,100", help="other step counts to rerun the paper grids with")
+    parser.add_argument("--threads", type=cli.positive_int, default=None)
     parser.add_argument("--json", default=None, help="default: bench/results/optimal-2d-<device>.json")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     device = device_name("cpu", args.threads)
     out = pathlib.Path(args.json) if args.json else ROOT / "bench" / "results" / f"optimal-2d-{slug(device)}.json"
     start = time.time()
-    step_checks = tuple(int(s) for s in args.step_checks.split(",") if s.strip())
+    step_checks = tuple(args.step_checks)
     study = run_study(args.samples, args.steps, args.sigma_min, step_checks)
     record = dict(command=" ".join(sys.argv), git_commit=git_commit(), git_dirty=git_dirty(), device=device,
                   torch=torch.__version__, samples=args.samples, sampler="heun", steps=args.steps,
@@ -234,4 +235,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main("optimal_2d", main))

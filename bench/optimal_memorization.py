@@ -30,6 +30,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import cli  # noqa: E402
 from bench.machine import device_name, git_commit, git_dirty, slug  # noqa: E402
 from diffmem.cli import sample as sample_cli  # noqa: E402
 from diffmem.training.checkpoint import write_atomic, write_json_atomic  # noqa: E402
@@ -112,24 +113,24 @@ def plot(rows: list[dict], path: pathlib.Path, title: str, reference: dict | Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=DEFAULT_DATA, help=f"training data (default: {DEFAULT_DATA})")
-    parser.add_argument("--size", type=int, default=1000, help="|D|, class-balanced (default: 1000)")
-    parser.add_argument("--samples", type=int, default=1000, help="samples per setting (default: 1000; papers: 10000)")
-    parser.add_argument("--sample-batch", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=18)
-    parser.add_argument("--tikhonov", default=DEFAULT_TIKHONOV, help=f"comma-separated c values (default: {DEFAULT_TIKHONOV})")
+    parser.add_argument("--size", type=cli.positive_int, default=1000, help="|D|, class-balanced (default: 1000)")
+    parser.add_argument("--samples", type=cli.positive_int, default=1000, help="samples per setting (default: 1000; papers: 10000)")
+    parser.add_argument("--sample-batch", type=cli.positive_int, default=500)
+    parser.add_argument("--steps", type=cli.positive_int, default=18)
+    parser.add_argument("--tikhonov", type=cli.number_list(float, 0.0, strict=False), default=DEFAULT_TIKHONOV, help=f"comma-separated c values (default: {DEFAULT_TIKHONOV})")
     parser.add_argument("--held-out", default=f"cifar10:{DEFAULT_HELD_OUT}" if DEFAULT_HELD_OUT.is_file() else "",
                         help="real images outside the training set, for a reference knn distance ('' for none)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--precision", choices=("float64", "float32"), default="float64",
                         help="the denoiser's compute precision (diffmem sample --precision; float32 takes the "
                              "op's fast kernels: on CUDA the tensor-core one where DIFFMEM_CUDA_OPTIMAL=1)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=cli.positive_int, default=None)
     parser.add_argument("--workdir", default=None, help="parent of the per-setting run directories (default: a temporary one)")
     parser.add_argument("--json", default=None, help="default: bench/results/optimal-memorization-<device>.json")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    values = sorted({float(v) for v in args.tikhonov.split(",") if v.strip()})
+    values = sorted(set(args.tikhonov))
     device = device_name("cuda" if args.device.startswith("cuda") else "cpu", args.threads)
     out = pathlib.Path(args.json) if args.json else ROOT / "bench" / "results" / f"optimal-memorization-{slug(device)}.json"
 
@@ -176,4 +177,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main("optimal_memorization", main))

@@ -27,6 +27,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import cli  # noqa: E402
 from bench.machine import git_commit, git_dirty  # noqa: E402
 from diffmem.training.checkpoint import write_json_atomic  # noqa: E402
 
@@ -78,11 +79,11 @@ class WorkCounter:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--B", type=int, default=256)
-    parser.add_argument("--N", type=int, default=50000)
-    parser.add_argument("--sigmas", default=DEFAULT_SIGMAS)
+    parser.add_argument("--B", type=cli.positive_int, default=256)
+    parser.add_argument("--N", type=cli.positive_int, default=50000)
+    parser.add_argument("--sigmas", type=cli.number_list(float, 0.0, strict=True), default=DEFAULT_SIGMAS)
     parser.add_argument("--data", type=pathlib.Path, default=ROOT.parent / "shared" / "data" / "cifar10-train.npz")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=cli.positive_int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     y64 = train.double() / 127.5 - 1
     rows = []
     counter = WorkCounter(stream, float(args.B) * args.N * d)
-    for sigma in [float(s) for s in args.sigmas.split(",") if s]:
+    for sigma in args.sigmas:
         x = (y + sigma * torch.randn(args.B, d, generator=gen, dtype=torch.float64)).float()
         sig = torch.full((args.B,), sigma, dtype=torch.float64)
         start = time.perf_counter()
@@ -139,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main("optimal_work", main))

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 import numpy as np
 import torch
 
-from bench import contention, knn, knn_data, knn_report, machine
+from bench import cli, contention, knn, knn_data, knn_report, machine
 from bench.knn_methods import Skipped, _CompileTimeout, _run_with_limit
 
 # The size: DDPM++ width 128, 2 blocks per level, CIFAR-10 32x32, batch 128.
@@ -80,15 +80,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"],
                    default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="torch threads (default: 2 on CPU, torch's own on CUDA)")
-    p.add_argument("--channels", type=int, help="model_channels (default: CUDA 128, CPU 32)")
-    p.add_argument("--blocks", type=int, help="residual blocks per level (default: 2)")
-    p.add_argument("--resolution", type=int, help="image side (default: 32)")
-    p.add_argument("--batch", type=int, help="images per step (default: CUDA 128, CPU 32)")
-    p.add_argument("--warmup", type=int,
+    p.add_argument("--channels", type=cli.positive_int, help="model_channels (default: CUDA 128, CPU 32)")
+    p.add_argument("--blocks", type=cli.positive_int, help="residual blocks per level (default: 2)")
+    p.add_argument("--resolution", type=cli.positive_int, help="image side (default: 32)")
+    p.add_argument("--batch", type=cli.positive_int, help="images per step (default: CUDA 128, CPU 32)")
+    p.add_argument("--warmup", type=cli.nonnegative_int,
                    help="untimed steps first, incl. compilation (default: CUDA 10, CPU 2)")
-    p.add_argument("--steps", type=int,
+    p.add_argument("--steps", type=cli.positive_int,
                    help="timed steps; the median is reported (default: CUDA 50, CPU 3)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma list (default: all: {','.join(VARIANTS)})")
@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=["default", "reduce-overhead", "max-autotune",
                             "max-autotune-no-cudagraphs"],
                    help="torch.compile mode of the *_compile variants (default: default)")
-    p.add_argument("--compile-limit", type=int, default=COMPILE_LIMIT_S,
+    p.add_argument("--compile-limit", type=cli.positive_int, default=COMPILE_LIMIT_S,
                    help=f"seconds the first (compiling) step may take before the variant is "
                         f"skipped (default: {COMPILE_LIMIT_S})")
     p.add_argument("--data", choices=["auto", "random", "cifar10"], default="auto",
@@ -566,4 +566,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_main("train_throughput", main))

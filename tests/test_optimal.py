@@ -537,10 +537,45 @@ def test_bench_device_record_times_the_chosen_floors_and_the_paths_own(bench_opt
     rec = bench_optimal.device_record(args, torch.device("cpu"), stats=_FakeCudaStats(), log=lambda msg: None)
     assert rec["floor"] == "bare_gemm_float32"  # the native CPU op computes in float32
     assert rec["floors"] == ["bare_gemm_float16", "bare_gemm_float32"]
-    assert set(rec["runs"]["uint8"]["1.0"]) == {"diffmem", "reference", "bare_gemm_float16", "bare_gemm_float32",
-                                               "targets"}
+    run = rec["runs"]["uint8"]["1.0"]
+    assert set(run) == {"diffmem", "reference", "bare_gemm_float16", "bare_gemm_float32", "targets"}
+    assert not any("profile" in r for r in run.values() if isinstance(r, dict))  # only on request
     with pytest.raises(SystemExit):
         bench_optimal.parse_args(["--floors", "int8"])
+
+
+def test_bench_profile_splits_the_time_of_diffmem_and_its_floor(bench_optimal):
+    """--profile: one profiled call each of diffmem and the floor it is judged against; the
+    floor's time is all GEMM, and the table says where each one's time went."""
+    torch.set_num_threads(1)
+    args = bench_optimal.parse_args(["--B", "4", "--N", "64", "--d", "16", "--repeat", "1", "--data", "random",
+                                     "--memory-N", "64", "--sigmas", "1", "--dtype", "uint8", "--floors", "float16",
+                                     "--profile"])
+    rec = bench_optimal.device_record(args, torch.device("cpu"), stats=_FakeCudaStats(), log=lambda msg: None)
+    run = rec["runs"]["uint8"]["1.0"]
+    assert {name for name, r in run.items() if isinstance(r, dict) and "profile" in r} == {"diffmem", rec["floor"]}
+    floor = run[rec["floor"]]["profile"]
+    assert floor["device"] == "cpu" and floor["self_us_by_category"]["gemm"] > 0
+    assert {t["name"] for t in floor["top"] if t["category"] == "gemm"} <= {"aten::mm", "aten::addmm"}
+    assert sum(floor["self_us_by_category"].values()) == pytest.approx(floor["self_us_total"])
+    assert run["diffmem"]["profile"]["wall_us"] > 0
+    text = bench_optimal.device_table(rec)
+    assert "profile uint8 sigma=1.0 diffmem: wall" in text and f"profile uint8 sigma=1.0 {rec['floor']}: wall" in text
+
+
+def test_kernel_profile_categories():
+    """Kernel and op names as the profiler shows them: cuBLAS(Lt) kernels on Hopper and
+    the CPU's aten products are GEMMs, Inductor's kernels compiled, the rest other."""
+    from bench.kernel_profile import category
+
+    for name in ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "sm90_xmma_gemm_s8s8_s32_tn_n_tilesize128x128x128",
+                 "cutlass3x_sm90_tensorop_gemm_f16_f16_f32", "aten::mm", "aten::_int_mm", "aten::addmm", "aten::bmm",
+                 "ampere_fp16_s16816gemm_fp16_128x128_ldg8_f2f_tn"):
+        assert category(name) == "gemm", name
+    for name in ("triton_red_fused_amax_exp_sub_0", "triton_poi_fused_where_1", "cpp_fused_exp_2"):
+        assert category(name) == "compiled", name
+    for name in ("void at::native::elementwise_kernel<128, 4>", "Memcpy DtoH (Device -> Pinned)", "aten::sub"):
+        assert category(name) == "other", name
 
 
 @pytest.mark.parametrize("path", ["native", "reference", "stream"])
