@@ -28,7 +28,7 @@
 #   import        which diffmem._C loaded, built_with_cuda, CPU kernels          (cap  30 s)
 #   test_knn      pytest tests/test_knn_cuda.py -q                               (cap  90 s)
 #   bench_knn     python bench/knn.py --device cuda --dtype uint8 --methods
-#                 diffmem,bare_gemm_int8,cdist_topk with DIFFMEM_CUDA_KNN=1 (the CUDA
+#                 diffmem,bare_gemm_int8,cdist_topk --profile with DIFFMEM_CUDA_KNN=1 (the CUDA
 #                 kernel) when test_knn passed, else the default dispatch        (cap 120 s)
 #   test_optimal  pytest tests/test_optimal_cuda.py -q: the default dispatch and the
 #                 op's CUDA kernel (tensor-core streaming, diffmem/optimal_stream.py;
@@ -212,7 +212,7 @@ if [ -z "$CUDA_KNN" ]; then
 fi
 echo "(bench_knn runs with DIFFMEM_CUDA_KNN=$CUDA_KNN)" >>"$SUMMARY"
 run_step bench_knn 120 env DIFFMEM_CUDA_KNN="$CUDA_KNN" "$PYTHON" bench/knn.py --device cuda --dtype uint8 \
-    --methods diffmem,bare_gemm_int8,cdist_topk
+    --methods diffmem,bare_gemm_int8,cdist_topk --profile
 run_step test_optimal 150 "$PYTHON" -m pytest tests/test_optimal_cuda.py -q -rs -p no:cacheprovider --durations=10
 echo "(bench_optimal runs with DIFFMEM_CUDA_OPTIMAL=${GPU_CHECK_CUDA_OPTIMAL:-1})" >>"$SUMMARY"
 run_step bench_optimal 120 env DIFFMEM_CUDA_OPTIMAL="${GPU_CHECK_CUDA_OPTIMAL:-1}" "$PYTHON" bench/optimal.py \

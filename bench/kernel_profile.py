@@ -30,7 +30,16 @@ def category(name: str) -> str:
 
 def profile_call(fn, device: torch.device, sync=lambda: None) -> dict:
     """One profiled call of fn() (warmed up beforehand by the caller): self time per
-    category in microseconds, the TOP busiest names, and the call's wall time."""
+    category in microseconds, the TOP busiest names, and the call's wall time. A profiler
+    that cannot run here (no CUPTI, say) gives {"error": ...}: the timings it accompanies
+    stand without it."""
+    try:
+        return _profile_call(fn, device, sync)
+    except (RuntimeError, AssertionError) as exc:
+        return {"device": device.type, "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def _profile_call(fn, device: torch.device, sync) -> dict:
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync()
@@ -63,6 +72,8 @@ def profile_call(fn, device: torch.device, sync=lambda: None) -> dict:
 
 
 def summary(p: dict) -> str:
+    if "error" in p:
+        return f"not profiled ({p['error']})"
     cats = p["self_us_by_category"]
     return (f"wall {p['wall_us'] / 1e3:.2f} ms: gemm {cats['gemm'] / 1e3:.2f}, compiled {cats['compiled'] / 1e3:.2f}, "
             f"other {cats['other'] / 1e3:.2f} ms")

@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 import numpy as np
 import torch
 
-from bench import cli, contention, cpu_peak, knn_check, knn_data, knn_methods, knn_report, machine
+from bench import cli, contention, cpu_peak, kernel_profile, knn_check, knn_data, knn_methods, knn_report, machine
 
 DEFAULT_SIZES = {"cpu": dict(Q=2000, N=10000, d=3072), "cuda": dict(Q=10000, N=50000, d=3072)}
 DEFAULT_METHODS = "diffmem,faiss_flat_l2,cdist_topk,cdist_topk_compiled,bare_gemm"
@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exact-rows", type=cli.nonnegative_int, default=64,
                    help="query rows checked against float64 ground truth, 0 = off (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="default: 0")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one call of each method (torch.profiler: time in GEMMs, compiled "
+                        "kernels and the rest; bench/kernel_profile.py)")
     p.add_argument("--out", type=Path,
                    help="JSON path (default: bench/results/knn-<device-slug>.json)")
     args = p.parse_args(argv)
@@ -132,13 +135,15 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def measure(name: str, inp: knn_methods.Inputs, dtype: str, repeat: int, sync):
-    """Build and time one method; a method that cannot run is recorded as skipped."""
+def measure(name: str, inp: knn_methods.Inputs, dtype: str, repeat: int, sync, profile: bool = False):
+    """Build and time one method (and, with `profile`, profile one more call of it); a
+    method that cannot run is recorded as skipped."""
     t0 = time.perf_counter()
     try:
         method = knn_methods.BUILDERS[name](inp, dtype)
         with contention.OtherLoad() as load:
             out, times = time_calls(method.run, repeat, sync)
+        profiled = kernel_profile.profile_call(method.run, inp.device, sync) if profile else None
     except knn_methods.Skipped as exc:
         _log(f"  {name}: skipped ({exc})")
         return {"skipped": str(exc)}, None
@@ -148,9 +153,13 @@ def measure(name: str, inp: knn_methods.Inputs, dtype: str, repeat: int, sync):
     Q, N, d = inp.shape
     median = statistics.median(times)
     _log(f"  {name}: {median:.4f} s median ({time.perf_counter() - t0:.1f} s incl. setup)")
-    return {"median_s": median, "min_s": min(times), "times_s": times,
-            "gmac_per_s": Q * N * d / median / 1e9, "other_cpu_load": load.fraction,
-            "computes_in": method.computes_in, "note": method.note}, out
+    r = {"median_s": median, "min_s": min(times), "times_s": times,
+         "gmac_per_s": Q * N * d / median / 1e9, "other_cpu_load": load.fraction,
+         "computes_in": method.computes_in, "note": method.note}
+    if profiled is not None:
+        r["profile"] = profiled
+        _log(f"  {name} profile: {kernel_profile.summary(profiled)}")
+    return r, out
 
 
 def check(results: dict, outputs: dict, exact: knn_check.ExactSample | None) -> None:
@@ -191,7 +200,7 @@ def run_dtype(inp, dtype: str, args, exact, progress=None) -> dict:
     sync = sync_for(args.device)
     results, outputs = {}, {}
     for name in args.method_names:
-        results[name], outputs[name] = measure(name, inp, dtype, args.repeat, sync)
+        results[name], outputs[name] = measure(name, inp, dtype, args.repeat, sync, args.profile)
         if progress is not None:
             partial = {n: dict(r) for n, r in results.items()}
             add_ratios(partial, args.device, dtype)

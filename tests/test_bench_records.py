@@ -38,6 +38,19 @@ def test_a_float64_run_times_diffmem_on_float64_rows(tmp_path):
         knn.main([*SMALL, "--dtype", "float16", "--out", str(out)])
 
 
+def test_profile_records_where_each_methods_time_went(tmp_path):
+    out = tmp_path / "knn.json"
+    knn.main([*SMALL, "--methods", "diffmem,bare_gemm_f32", "--dtype", "uint8", "--profile", "--out", str(out)])
+    run = json.loads(out.read_text())["runs"]["uint8"]
+    for name in ("diffmem", "bare_gemm_f32"):
+        p = run[name]["profile"]
+        assert p["device"] == "cpu" and p["wall_us"] > 0 and p["top"]
+        assert sum(p["self_us_by_category"].values()) == pytest.approx(p["self_us_total"])
+    assert run["bare_gemm_f32"]["profile"]["self_us_by_category"]["gemm"] > 0
+    knn.main([*SMALL, "--methods", "diffmem", "--dtype", "uint8", "--out", str(out)])
+    assert "profile" not in json.loads(out.read_text())["runs"]["uint8"]["diffmem"]  # only on request
+
+
 def test_the_cpu_peak_is_of_a_core_and_scales_at_most_with_threads():
     """bench/cpu_peak.py reads FMA chains per thread count. Two threads need not be faster
     than one (CI's machine is shared: a busy second core leaves them time-sliced on one), so

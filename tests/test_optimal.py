@@ -563,6 +563,18 @@ def test_bench_profile_splits_the_time_of_diffmem_and_its_floor(bench_optimal):
     assert "profile uint8 sigma=1.0 diffmem: wall" in text and f"profile uint8 sigma=1.0 {rec['floor']}: wall" in text
 
 
+def test_a_profiler_that_cannot_run_leaves_the_timings_alone(monkeypatch):
+    from bench import kernel_profile
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUPTI unavailable")
+
+    monkeypatch.setattr(kernel_profile, "profile", broken)
+    p = kernel_profile.profile_call(lambda: None, torch.device("cpu"))
+    assert p == {"device": "cpu", "error": "RuntimeError: CUPTI unavailable"}
+    assert kernel_profile.summary(p) == "not profiled (RuntimeError: CUPTI unavailable)"
+
+
 def test_kernel_profile_categories():
     """Kernel and op names as the profiler shows them: cuBLAS(Lt) kernels on Hopper and
     the CPU's aten products are GEMMs, Inductor's kernels compiled, the rest other."""
