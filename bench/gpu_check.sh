@@ -40,7 +40,8 @@
 #                 do not travel with the tree; random rows, and the record says so) (cap 120 s)
 #   bench_train   python bench/train_throughput.py --device cuda --warmup 3 --steps 20
 #                 --compile-limit 90: fp32 eager (the reference recipe), its compiled form,
-#                 bf16 channels-last, eager and compiled (partial record after each) (cap 240 s)
+#                 bf16 channels-last, eager and compiled (partial record after each), one
+#                 profiled step each (--profile)                                  (cap 240 s)
 #   tuning        python bench/gpu_tuning.py --device cuda: kNN tiles (when test_knn passed)
 #                 and optimal chunk sizes against their floors, for the defaults   (cap  60 s)
 # Each step runs under `timeout` with min(its cap, the time left of BUDGET_S); one that
@@ -218,7 +219,7 @@ echo "(bench_optimal runs with DIFFMEM_CUDA_OPTIMAL=${GPU_CHECK_CUDA_OPTIMAL:-1}
 run_step bench_optimal 120 env DIFFMEM_CUDA_OPTIMAL="${GPU_CHECK_CUDA_OPTIMAL:-1}" "$PYTHON" bench/optimal.py \
     --device cuda --data random --floors float16 --sigmas 0.002,1,5,80 --repeat 3 --profile
 run_step bench_train 240 "$PYTHON" bench/train_throughput.py --device cuda --warmup 3 --steps 20 --compile-limit 90 \
-    --variants fp32_eager,bf16_channels_last,fp32_compile,bf16_channels_last_compile
+    --variants fp32_eager,bf16_channels_last,fp32_compile,bf16_channels_last_compile --profile
 # tile and chunk sizes of both kernels against their floors (the kNN part needs its tests passed)
 TUNE_PARTS=optimal
 [ "$CUDA_KNN" = 1 ] && TUNE_PARTS=knn,optimal

@@ -1,6 +1,6 @@
 """Where one call's time goes: torch.profiler over a single call, its kernels (CUDA) or
-ops (CPU) summed by self time into GEMMs, compiled (fused elementwise) kernels and the
-rest, with the busiest ones by name and the call's wall time beside them (the gap is time
+ops (CPU) summed by self time into GEMMs (and convolutions), compiled (fused elementwise)
+kernels and the rest, with the busiest ones by name and the call's wall time beside them (the gap is time
 the device waited: host syncs, launches). A benchmark's ratio says whether a target is
 met; this says which part to work on.
 """
@@ -11,10 +11,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-# kernel or op names of matrix products: cuBLAS/cuBLASLt kernels on Hopper ("nvjet",
-# "sm90_xmma", CUTLASS-based ones) and the aten ops the CPU shows
-GEMM_MARKERS = ("gemm", "xmma", "cutlass", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
-                "aten::_int_mm", "aten::baddbmm")
+# kernel or op names of matrix products (and convolutions, the same tensor-core work in a
+# training step): cuBLAS/cuBLASLt kernels on Hopper ("nvjet", "sm90_xmma", CUTLASS-based
+# ones), cuDNN's, and the aten ops the CPU shows
+GEMM_MARKERS = ("gemm", "xmma", "cutlass", "nvjet", "cublas", "cudnn", "fprop", "dgrad", "wgrad",
+                "aten::mm", "aten::addmm", "aten::bmm", "aten::_int_mm", "aten::baddbmm", "convolution")
 # Inductor's generated kernels: Triton on CUDA, C++ on the CPU
 COMPILED_MARKERS = ("triton_", "cpp_fused", "Torch-Compiled Region", "CompiledFunction")
 TOP = 15

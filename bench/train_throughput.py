@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 import numpy as np
 import torch
 
-from bench import cli, contention, knn, knn_data, knn_report, machine
+from bench import cli, contention, kernel_profile, knn, knn_data, knn_report, machine
 from bench.knn_methods import Skipped, _CompileTimeout, _run_with_limit
 
 # The size: DDPM++ width 128, 2 blocks per level, CIFAR-10 32x32, batch 128.
@@ -105,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=knn_data.DEFAULT_DATA_DIR,
                    help="folder with cifar10-train.npz (default: ../shared/data)")
     p.add_argument("--seed", type=int, default=0, help="default: 0")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one more step of each variant (torch.profiler: time in GEMMs and "
+                        "convolutions, compiled kernels and the rest; bench/kernel_profile.py)")
     p.add_argument("--out", type=Path,
                    help="JSON path (default: bench/results/train-throughput-<device-slug>.json)")
     args = p.parse_args(argv)
@@ -331,6 +334,8 @@ def measure(variant: Variant, args, kwargs: dict, images_u8, indices) -> dict:
                     sync()
                     times.append(time.perf_counter() - t)
             losses = [float(first_loss)] + [float(x) for x in losses]
+            profiled = (kernel_profile.profile_call(trainer.step, torch.device(args.device), sync)
+                        if args.profile else None)
     except Skipped as exc:
         _log(f"  {variant.name}: skipped ({exc})")
         return {"skipped": str(exc)}
@@ -353,6 +358,9 @@ def measure(variant: Variant, args, kwargs: dict, images_u8, indices) -> dict:
     }
     _log(f"  {variant.name}: {median * 1e3:.1f} ms/step, {result['images_per_s']:.1f} img/s "
          f"(first step {first_s:.1f} s)")
+    if profiled is not None:
+        result["profile"] = profiled
+        _log(f"  {variant.name} profile of one step: {kernel_profile.summary(profiled)}")
     return result
 
 
