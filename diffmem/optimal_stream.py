@@ -11,8 +11,8 @@ online softmax (running max, sum and weighted sum), so memory is O(B d + B * chu
 Precision. The weighted sum runs as a float16 GEMM with float32 accumulation and output
 (the tensor cores' fast path); so do the logits' products x . p for float rows, which is
 why a logit needs care:
-  * uint8 rows (pixels: CIFAR-10, MNIST) take int8 tensor cores instead, whose int32 sums
-    are exact: p = v - 128 is int8 as it is, and x goes in int8 terms with per-query
+  * uint8 rows (pixels: CIFAR-10, MNIST) take int8 tensor cores instead (where
+    torch._int_mm runs: int8_works; else the float16 path below), whose int32 sums are exact: p = v - 128 is int8 as it is, and x goes in int8 terms with per-query
     scales (int8_terms: 8 bits a term; two terms leave |e| <= 2^-16 max |x| per feature,
     three 2^-24), the int32 products combined in float64. x . p then errs by e . p alone:
     rigorously at most ||e|| ||p||, estimated as a random walk of INT8_WALK deviations, and
@@ -140,6 +140,29 @@ def mm_i8_i32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def int8_fits(d: int) -> bool:
     """Whether int32 holds every x-term . p sum over d features (|q| <= 127, |p| <= 128)."""
     return hasattr(torch, "_int_mm") and round8(d) * 127 * 128 < 2**31
+
+
+_INT8_WORKS: dict[str, bool] = {}
+
+
+def int8_works(device: torch.device) -> bool:
+    """Whether mm_i8_i32 runs on `device`, probed once per device type with the kernel's
+    shapes and layouts (R x K by K-major K x n, all multiples of 8): where it does not (an
+    old GPU, a torch without int8 products there), uint8 rows take the float16 path, with a
+    warning, rather than failing every call."""
+    key = device.type
+    if key not in _INT8_WORKS:
+        R, d8 = int8_shapes(1, 8)
+        try:
+            a = torch.ones(R, d8, dtype=torch.int8, device=device)
+            b = torch.ones(8, d8, dtype=torch.int8, device=device)
+            ok = bool((mm_i8_i32(a, b.T) == d8).all())
+        except RuntimeError as exc:
+            warnings.warn(f"diffmem.optimal_stream: int8 products unavailable on {key} "
+                          f"({str(exc).splitlines()[0][:200]}); uint8 rows take the float16 path")
+            ok = False
+        _INT8_WORKS[key] = ok
+    return _INT8_WORKS[key]
 
 
 def round8(n: int) -> int:
@@ -535,7 +558,7 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
     # GEMM. A chunk with too many inexact items moves up; later chunks start at the tier the
     # last one needed (sigma, not the chunk, decides it), or at the first once a chunk had
     # few items that matter at all.
-    int8 = rows.uint8 and int8_fits(d)
+    int8 = rows.uint8 and int8_fits(d) and int8_works(dev)
     escalate = ESCALATE_INT8 if int8 else ESCALATE
     top_tier = len(escalate)  # the float64 GEMM
     small = {}  # chunk start -> its small products at tier 1 (int8: its int8 rows and two-term products)

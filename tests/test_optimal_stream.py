@@ -70,6 +70,25 @@ def test_one_int8_term_would_fail(monkeypatch):
     assert worst_error("uint8", (1.0, 3.0, 20.0)) > TOL
 
 
+def test_without_int8_products_uint8_rows_take_the_float16_path(monkeypatch):
+    """A device whose torch._int_mm fails is found out once, with a warning, and uint8 rows
+    then go the float16 way, as accurate (the int8 products would raise if called)."""
+    def unsupported(a, b):
+        raise RuntimeError("_int_mm: not supported on this device\n(details)")
+
+    monkeypatch.setattr(stream, "mm_i8_i32", unsupported)
+    monkeypatch.setattr(stream, "_INT8_WORKS", {})
+    with pytest.warns(UserWarning, match="int8 products unavailable on cpu .*not supported on this device"):
+        assert stream.int8_works(torch.device("cpu")) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # found out once: no warning per call
+        assert worst_error("uint8", (0.01, 1.0, 20.0)) <= TOL
+
+
+def test_int8_probe_passes_here():
+    assert stream.int8_works(torch.device("cpu")) is True
+
+
 def worst_error(kind, sigmas):
     train, gen = train_of(kind)
     y = as_rows64(train)
