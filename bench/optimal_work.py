@@ -35,44 +35,70 @@ DEFAULT_SIGMAS = "0.002,0.1,0.5,1,3,5,10,20,40,80"
 INT8_PER_FLOAT16 = 0.5  # H100 SXM dense tensor-core peaks: 1979 int8 TOPS / 989 float16 TFLOPS
 
 
+PURPOSES = ("logits", "weighted_sum", "weight_residuals")
+
+
 class WorkCounter:
-    """Counts the kernel's GEMM work and direct-difference pairs while installed."""
+    """Counts the kernel's GEMM work and direct-difference pairs while installed, the
+    GEMM work also by purpose (float16-equivalent units): the logits' products, the
+    weighted sum, and the weights' rounding residuals (the products made inside the
+    kernel's weighted_sum and add_weight_residuals; everything else is the logits')."""
+
+    WRAPPED = ("mm_f16_f32", "bmm_f16_f32", "mm_i8_i32", "pair_logits", "weighted_sum", "add_weight_residuals")
 
     def __init__(self, stream, unit: float):
         self.stream, self.unit = stream, unit
-        self.mm, self.bmm, self.pairs = stream.mm_f16_f32, stream.bmm_f16_f32, stream.pair_logits
-        self.int_mm = stream.mm_i8_i32
+        self.saved = {name: getattr(stream, name) for name in self.WRAPPED}
         self.reset()
 
     def reset(self):
         self.gemm_units = 0.0
         self.int8_units = 0.0
         self.direct_pairs = 0
+        self.by_purpose = dict.fromkeys(PURPOSES, 0.0)
+        self.purpose = "logits"
+
+    def _count(self, units: float, weight: float = 1.0) -> float:
+        self.by_purpose[self.purpose] += weight * units
+        return units
 
     def __enter__(self):
+        saved = self.saved
+
         def mm(a, b, acc=None):
-            self.gemm_units += a.shape[0] * a.shape[1] * b.shape[1] / self.unit
-            return self.mm(a, b, acc)
+            self.gemm_units += self._count(a.shape[0] * a.shape[1] * b.shape[1] / self.unit)
+            return saved["mm_f16_f32"](a, b, acc)
 
         def bmm(a, b):
-            self.gemm_units += a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2] / self.unit
-            return self.bmm(a, b)
+            self.gemm_units += self._count(a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2] / self.unit)
+            return saved["bmm_f16_f32"](a, b)
 
         def int_mm(a, b):
-            self.int8_units += a.shape[0] * a.shape[1] * b.shape[1] / self.unit
-            return self.int_mm(a, b)
+            self.int8_units += self._count(a.shape[0] * a.shape[1] * b.shape[1] / self.unit, INT8_PER_FLOAT16)
+            return saved["mm_i8_i32"](a, b)
 
         def pairs(x, rows, q, n, m, inv):
             self.direct_pairs += q.numel()
-            return self.pairs(x, rows, q, n, m, inv)
+            return saved["pair_logits"](x, rows, q, n, m, inv)
 
-        self.stream.mm_f16_f32, self.stream.bmm_f16_f32, self.stream.pair_logits = mm, bmm, pairs
-        self.stream.mm_i8_i32 = int_mm
+        def for_purpose(name):
+            def call(*args):
+                self.purpose = name.removeprefix("add_")
+                try:
+                    return saved[name](*args)
+                finally:
+                    self.purpose = "logits"
+            return call
+
+        for name, fn in (("mm_f16_f32", mm), ("bmm_f16_f32", bmm), ("mm_i8_i32", int_mm), ("pair_logits", pairs),
+                         ("weighted_sum", for_purpose("weighted_sum")),
+                         ("add_weight_residuals", for_purpose("add_weight_residuals"))):
+            setattr(self.stream, name, fn)
         return self
 
     def __exit__(self, *exc):
-        self.stream.mm_f16_f32, self.stream.bmm_f16_f32, self.stream.pair_logits = self.mm, self.bmm, self.pairs
-        self.stream.mm_i8_i32 = self.int_mm
+        for name, fn in self.saved.items():
+            setattr(self.stream, name, fn)
         # the float64 GEMM tier (x @ rows.T in float64) is not a float16 GEMM: counted apart
         return False
 
@@ -120,19 +146,23 @@ def main(argv: list[str] | None = None) -> int:
         row = dict(sigma=sigma, float16_gemm_units=round(counter.gemm_units, 4),
                    int8_gemm_units=round(counter.int8_units, 4),
                    float16_equivalent_units=round(counter.gemm_units + INT8_PER_FLOAT16 * counter.int8_units, 4),
+                   float16_equivalent_units_by_purpose={k: round(v, 4) for k, v in counter.by_purpose.items()},
                    direct_difference_share=counter.direct_pairs / (args.B * args.N),
                    rel_err_vs_float64=err, cpu_seconds_emulated=seconds)
         rows.append(row)
         print(f"sigma {sigma:<6g} GEMM units: float16 {row['float16_gemm_units']:5.2f}, int8 "
               f"{row['int8_gemm_units']:5.2f} (float16-equivalent {row['float16_equivalent_units']:5.2f})  direct differences "
-              f"{100 * row['direct_difference_share']:6.3f}%  error {err:.1e}  ({seconds:.1f} s)", flush=True)
+              f"{100 * row['direct_difference_share']:6.3f}%  error {err:.1e}  ({seconds:.1f} s)\n"
+              f"             by purpose: " + ", ".join(f"{k} {v:.2f}" for k, v in counter.by_purpose.items()),
+              flush=True)
     out = args.json or ROOT / "bench" / "results" / f"optimal-work-cifar10-B{args.B}-N{args.N}.json"
     record = dict(command=" ".join([sys.executable, *sys.argv]), git_commit=git_commit(), git_dirty=git_dirty(),
                   torch=torch.__version__, data=str(args.data.name), B=args.B, N=args.N, d=d,
                   chunk_rows=stream.chunk_rows(args.B, args.N, d),
                   unit="one dense B x N x d GEMM (float16 or int8); float16_equivalent_units = float16 + "
                        f"{INT8_PER_FLOAT16} x int8 (assumed H100 peak ratio); bench/optimal.py's floors: 2 float16 "
-                       "units, or 1 int8 + 1 float16",
+                       "units, or 1 int8 + 1 float16; by purpose: the logits' products, the weighted sum, the "
+                       "weights' rounding residuals",
                   queries="x = y + sigma n, y random training images", runs=rows)
     write_json_atomic(record, out)
     print(f"wrote {out}")

@@ -575,4 +575,9 @@ def test_work_counting_script_on_cifar10(tmp_path):
     assert large["int8_gemm_units"] == 2.0, large
     assert 1.0 <= large["float16_gemm_units"] <= 1.0 + first_chunk + 1e-9, large
     assert large["float16_equivalent_units"] == round(large["float16_gemm_units"] + 1.0, 4)
+    for run in (small, large):  # every product has one purpose; the logits' are the int8 ones here
+        by = run["float16_equivalent_units_by_purpose"]
+        assert sum(by.values()) == pytest.approx(run["float16_equivalent_units"], abs=1e-3), run
+        assert by["logits"] == 1.0  # two int8 terms, half a float16 unit each
+    assert large["float16_equivalent_units_by_purpose"]["weighted_sum"] == 1.0  # dense at sigma 80
     assert max(small["rel_err_vs_float64"], large["rel_err_vs_float64"]) <= TOL
