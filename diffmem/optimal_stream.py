@@ -242,7 +242,13 @@ class _Train:
 
     def product_rows(self, n0: int, n1: int):
         """float16 terms (hi, lo or None) of p_n for rows [n0, n1)."""
-        rows = self.raw[n0:n1]
+        return self.product_terms(self.raw[n0:n1])
+
+    def product_rows_at(self, index: torch.Tensor):
+        """The same for the rows `index` (a 1-d index tensor)."""
+        return self.product_terms(self.raw.index_select(0, index))
+
+    def product_terms(self, rows: torch.Tensor):
         if self.uint8:
             return rows.to(torch.float16) - 128.0, None  # integers: exact in float16
         if not self.split:
@@ -393,9 +399,10 @@ def chunk_logits_int8(t2, t3, c, split, x_sum, nx, xn, ny, pn, m, inv, a, b, run
 
 def chunk_weights(rel, ref, run_max, run_sum, run_exact, acc):
     """Online softmax step: the new running max, the chunk's weights exp(l - max) * 2^15
-    in float16 and their rounding residuals (float16 too), which columns hold at least
-    1/HEAVY_SHARE of some query's weight so far, the running sums of the rounded and of the
-    exact weights, and the accumulator rescaled to the new max."""
+    in float16, which of them may hold at least 1/HEAVY_SHARE of their query's weight so
+    far (a superset: read off the rounded weights, 2^-10 to spare), the running sums of the
+    rounded and of the exact weights, the accumulator rescaled to the new max, and the
+    rescaling factor and shift (exact = exp(rel + shift) * 2^15) per query."""
     chunk_max = rel.amax(1, keepdim=True) + ref
     new_max = torch.maximum(run_max, chunk_max)
     safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
@@ -403,11 +410,10 @@ def chunk_weights(rel, ref, run_max, run_sum, run_exact, acc):
     shift = torch.where(torch.isfinite(ref), ref - safe_max, torch.zeros_like(ref))
     exact = torch.exp(rel + shift) * WEIGHT_SCALE
     w = exact.to(torch.float16)
-    w_lo = (exact - w.double()).to(torch.float16)
     new_sum = run_sum * factor + w.double().sum(1, keepdim=True)
     new_exact = run_exact * factor + exact.sum(1, keepdim=True)
-    heavy = (exact * HEAVY_SHARE >= new_exact).any(0)
-    return new_max, w, w_lo, heavy, new_sum, new_exact, acc * factor.float()
+    maybe_heavy = w.double() * (HEAVY_SHARE * (1.0 + 2.0**-10)) >= new_exact
+    return new_max, w, maybe_heavy, new_sum, new_exact, acc * factor.float(), factor, shift
 
 
 def product_over_columns(acc, w, hi, lo, cols):
@@ -429,13 +435,47 @@ def weighted_sum(acc, w, hi, lo, n_kept: int):
     return product_over_columns(acc, w, hi, lo, active)[0]
 
 
-def add_weight_residuals(acc, run_sum, w_lo, heavy, hi, lo):
-    """acc + w_lo @ (hi + lo) over the heavy columns (all of them where that is most), and
-    the residuals added to the running sum: those items' weights are then exact to 2^-22."""
-    cols = torch.nonzero(heavy).squeeze(1)  # a host sync
-    if cols.numel() == 0:
+class HeavyItems:
+    """The (query, item) pairs holding at least 1/HEAVY_SHARE of their query's weight so
+    far, with their exact weights and float16 rounding residuals in units of the running
+    max (as run_exact). A share only falls as the sum grows, so after every chunk the pairs
+    that no longer hold it are dropped for good: at the end exactly those holding
+    1/HEAVY_SHARE of the final weight remain (at most HEAVY_SHARE a query, whatever N),
+    and only their residuals are multiplied, once (add_weight_residuals). Judged per chunk
+    instead, the first chunks' items, weighed against the little summed so far, would all
+    count: on CIFAR-10 (bench/optimal_work.py) up to twice the columns."""
+
+    def __init__(self, device: torch.device):
+        self.q = torch.empty(0, dtype=torch.long, device=device)
+        self.n = torch.empty_like(self.q)
+        self.exact = torch.empty(0, dtype=torch.float64, device=device)
+        self.lo = torch.empty_like(self.exact)
+
+    def add_chunk(self, maybe_heavy, rel, shift, w, factor, run_exact, n0: int) -> None:
+        """Rescale the kept pairs to the new running max (factor), add the chunk's
+        candidates (maybe_heavy, items n0 + column) and keep those that hold the share."""
+        f = factor[self.q, 0]
+        q, n = maybe_heavy.nonzero(as_tuple=True)  # a host sync
+        exact = torch.exp(rel[q, n] + shift[q, 0]) * WEIGHT_SCALE  # as chunk_weights computed it
+        lo = exact - w[q, n].double()
+        self.q, self.n = torch.cat([self.q, q]), torch.cat([self.n, n + n0])
+        self.exact, self.lo = torch.cat([self.exact * f, exact]), torch.cat([self.lo * f, lo])
+        keep = torch.nonzero(self.exact * HEAVY_SHARE >= run_exact[self.q, 0]).squeeze(1)
+        self.q, self.n, self.exact, self.lo = (t.index_select(0, keep) for t in (self.q, self.n, self.exact, self.lo))
+
+
+def add_weight_residuals(acc, run_sum, heavy: HeavyItems, rows):
+    """acc + w_lo @ (hi + lo) for the heavy pairs' residuals w_lo (rounded to float16), over
+    the rows some query holds heavy, and the residuals added to the running sum: those
+    items' weights are then exact to 2^-22."""
+    if heavy.q.numel() == 0:
         return acc, run_sum
-    acc, w_lo = product_over_columns(acc, w_lo, hi, lo, cols)
+    cols, at = torch.unique(heavy.n, return_inverse=True)
+    w_lo = torch.zeros(acc.shape[0], cols.numel(), dtype=torch.float64, device=acc.device)
+    w_lo[heavy.q, at] = heavy.lo  # one entry per pair: no accumulation, deterministic
+    w_lo = w_lo.to(torch.float16)
+    hi, lo = rows.product_rows_at(cols)
+    acc = product_over_columns(acc, w_lo, hi, lo, None)[0]
     return acc, run_sum + w_lo.double().sum(1, keepdim=True)
 
 
@@ -537,6 +577,7 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
     run_sum = torch.zeros((B, 1), dtype=torch.float64, device=dev)  # weights as multiplied, in WEIGHT_SCALE units
     run_exact = torch.zeros_like(run_sum)  # the exact weights (the log-sum-exp's)
     acc = torch.zeros((B, d), dtype=torch.float32, device=dev)  # sum of rounded weights x p_n
+    heavy = HeavyItems(dev)  # whose rounding residuals are multiplied at the end
 
     nb = -(-d // BLOCK_K)
     pad = nb * BLOCK_K - d
@@ -641,12 +682,15 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
                 pairs = pairs_stage(x, chunk, qb.repeat(reps), nb_.repeat(reps), m, inv)
                 rel[qb, nb_] = pairs[: qb.shape[0]] - ref[qb, 0]
 
-        run_max, w, w_lo, heavy, run_sum, run_exact, acc = weights_stage(rel, ref, run_max, run_sum, run_exact, acc)
+        run_max, w, maybe_heavy, run_sum, run_exact, acc, factor, shift = weights_stage(
+            rel, ref, run_max, run_sum, run_exact, acc)
         if n_kept:  # else every weight is zero: nothing to add
             acc = weighted_sum(acc, w, hi, lo, n_kept)
-            acc, run_sum = add_weight_residuals(acc, run_sum, w_lo, heavy, hi, lo)
+        heavy.add_chunk(maybe_heavy, rel, shift, w, factor, run_exact, n0)
         small.pop(n0, None)
         pending = following
+
+    acc, run_sum = add_weight_residuals(acc, run_sum, heavy, rows)
 
     if not bool((run_sum > 0).all()):
         raise RuntimeError("optimal_denoise: a query has no training item to average over")
