@@ -46,10 +46,10 @@ why a logit needs care:
     errs by up to 2^-11 of itself, which moves D by up to 2^-11 max ||y_n - D|| when the
     errors align (few items carrying the weight, or duplicates): as much as the whole
     5e-4 budget. So the rounding residuals w_lo of the items that hold at least 1/1024 of
-    some query's weight so far are multiplied too (one more product, over those columns
-    only): their weights are then exact to 2^-22, and what the others can add up to is
-    2^-11 of their share, random in sign unless they are duplicates. The log-sum-exp
-    takes the sum of the exact (float64) weights.
+    some query's final weight are multiplied too (HeavyItems: one more product at the end,
+    over those rows only): their weights are then exact to 2^-22, and what the others can
+    add up to is 2^-11 of their share, random in sign unless they are duplicates. The
+    log-sum-exp takes the sum of the exact (float64) weights.
     Where few weights of a chunk are nonzero (small sigma), the weighted sum multiplies
     only the rows some query weighs.
 The tensor-core products `mm_f16_f32`/`bmm_f16_f32` are torch.mm/bmm(..., out_dtype=float32) on CUDA; on the
@@ -98,7 +98,7 @@ U64 = 2.0**-53
 SPLIT = 2.0**-21  # |v - hi - lo| <= 2^-22 |v| per float16 split; doubled for the dropped lo.lo
 SPLIT_ONE = 2.0**-10  # |v - hi| <= 2^-11 |v| for one float16 term (x's), doubled; 2x more for split rows
 SPARSE_WEIGHTS = 256  # a chunk with under 1/256 of its weights nonzero multiplies only the rows they weigh
-HEAVY_SHARE = 1024  # items holding >= 1/1024 of a query's weight so far get their rounding residual added
+HEAVY_SHARE = 1024  # items holding >= 1/1024 of a query's weight get their rounding residual added
 F16_MAX_SAFE = 2.0**14  # |x| is scaled by a power of two below this before the split
 # torch.mm/bmm(..., out_dtype=float32) on float16 CUDA operands came in torch 2.8; addmm
 # with a float32 accumulator in 2.10 (pytorch/pytorch#167931): before that, add after.
@@ -156,7 +156,7 @@ def int8_works(device: torch.device) -> bool:
         try:
             a = torch.ones(R, d8, dtype=torch.int8, device=device)
             b = torch.ones(8, d8, dtype=torch.int8, device=device)
-            ok = bool((mm_i8_i32(a, b.T) == d8).all())
+            ok = bool((torch._int_mm(a, b.T) == d8).all())  # what mm_i8_i32 calls
         except RuntimeError as exc:
             warnings.warn(f"diffmem.optimal_stream: int8 products unavailable on {key} "
                           f"({str(exc).splitlines()[0][:200]}); uint8 rows take the float16 path")

@@ -13,7 +13,8 @@ import torch
 
 import diffmem
 from diffmem import optimal_stream as stream
-from test_optimal import LSE_ATOL32, SIGMAS, TOL, as_rows64, dense_denoise, query_cases, rel_err, training_set
+from test_optimal import (LSE_ATOL32, SIGMAS, TOL, as_rows64, dense_denoise, dense_logits, query_cases, rel_err,
+                          training_set)
 from test_optimal_cuda import _separated_images, int8_product_errors, product_error_ratios
 
 GRID = SIGMAS + [0.3, 3.0, 5.0, 20.0, 40.0]
@@ -76,7 +77,7 @@ def test_without_int8_products_uint8_rows_take_the_float16_path(monkeypatch):
     def unsupported(a, b):
         raise RuntimeError("_int_mm: not supported on this device\n(details)")
 
-    monkeypatch.setattr(stream, "mm_i8_i32", unsupported)
+    monkeypatch.setattr(torch, "_int_mm", unsupported)
     monkeypatch.setattr(stream, "_INT8_WORKS", {})
     with pytest.warns(UserWarning, match="int8 products unavailable on cpu .*not supported on this device"):
         assert stream.int8_works(torch.device("cpu")) is False
@@ -168,8 +169,8 @@ def test_few_items_matter_one_term_and_active_rows(kind, monkeypatch):
     the weighted sums multiply only the few rows that some query weighs, and the result
     stays within the budget."""
     d, rows = 3072, 1000
-    calls = {"logit_gemms": 0, "int8_logit_gemms": 0, "narrow_weight_gemms": 0}
-    mm, int_mm = stream.mm_f16_f32, stream.mm_i8_i32
+    calls = {"logit_gemms": 0, "int8_logit_gemms": 0, "narrow_weight_gemms": 0, "weighted_sums": 0}
+    mm, int_mm, weighted_sum = stream.mm_f16_f32, stream.mm_i8_i32, stream.weighted_sum
 
     def counted_mm(a, b, acc=None):
         if a.shape[1] == d:  # x's terms (B, d) @ rows.T
@@ -182,13 +183,18 @@ def test_few_items_matter_one_term_and_active_rows(kind, monkeypatch):
         calls["int8_logit_gemms"] += 1
         return int_mm(a, b)
 
+    def counted_weighted_sum(*args):
+        calls["weighted_sums"] += 1
+        return weighted_sum(*args)
+
     monkeypatch.setattr(stream, "mm_f16_f32", counted_mm)
     monkeypatch.setattr(stream, "mm_i8_i32", counted_int_mm)
+    monkeypatch.setattr(stream, "weighted_sum", counted_weighted_sum)
     monkeypatch.setattr(stream, "chunk_rows", lambda B, N, d: rows)
     train, gen = training_set(kind, N=4 * rows, d=d, seed=3)
     y = as_rows64(train)
     for sigma in (0.002, 0.05, 0.3):
-        calls.update(logit_gemms=0, int8_logit_gemms=0, narrow_weight_gemms=0)
+        calls.update(logit_gemms=0, int8_logit_gemms=0, narrow_weight_gemms=0, weighted_sums=0)
         x = query_cases(y, gen, sigma)
         D, lse = run(x, train, sigma)
         ref, ref_lse = dense_denoise(x, sigma, train)
@@ -197,10 +203,11 @@ def test_few_items_matter_one_term_and_active_rows(kind, monkeypatch):
             assert calls["logit_gemms"] == 0 and calls["int8_logit_gemms"] == 4, f"sigma={sigma}: {calls}"
         else:  # chunks 1 and 2 (queued before chunk 1's verdict) at two terms (3 GEMMs), 3 and 4 at one
             assert calls["logit_gemms"] == 2 * 3 + 2 and calls["int8_logit_gemms"] == 0, f"sigma={sigma}: {calls}"
-        # per chunk: the weights over the few rows that matter, and the rounding residuals of
-        # those holding a sizeable share (a chunk may have none), as narrow
+        # per chunk with weights, the weights over the few rows that matter, and once at the
+        # end the rounding residuals of the items holding a sizeable share, all narrow
         terms = 1 if kind == "uint8" else 2
-        assert 4 * terms <= calls["narrow_weight_gemms"] <= 2 * 4 * terms, f"sigma={sigma}: {calls}"
+        assert 1 <= calls["weighted_sums"] <= 4, f"sigma={sigma}: {calls}"
+        assert calls["narrow_weight_gemms"] == terms * (calls["weighted_sums"] + 1), f"sigma={sigma}: {calls}"
 
 
 def test_aligned_weight_rounding_is_compensated():
@@ -227,6 +234,41 @@ def test_aligned_weight_rounding_is_compensated():
         worst_d = max(worst_d, rel_err(D, ref))
         worst_lse = max(worst_lse, float((lse.double() - ref_lse).abs().max()))
     assert worst_d <= 5e-5 and worst_lse <= 5e-5, (worst_d, worst_lse)
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float32"])
+def test_residuals_are_multiplied_for_the_items_heavy_in_the_final_weight(kind, monkeypatch):
+    """Over many chunks, the pairs whose rounding residuals are multiplied at the end are
+    exactly those holding >= 1/1024 of their query's final weight (by the float64 reference,
+    pairs within 1e-9 of the threshold aside), and no more than 1024 a query are ever kept."""
+    monkeypatch.setattr(stream, "chunk_rows", lambda B, N, d: 37)
+    kept, final = [], {}
+    add_chunk, add_residuals = stream.HeavyItems.add_chunk, stream.add_weight_residuals
+
+    def counted_add_chunk(self, *args):
+        add_chunk(self, *args)
+        kept.append(int(torch.bincount(self.q, minlength=1).max()) if self.q.numel() else 0)
+
+    def captured(acc, run_sum, heavy, rows):
+        final["pairs"] = set(zip(heavy.q.tolist(), heavy.n.tolist()))
+        return add_residuals(acc, run_sum, heavy, rows)
+
+    monkeypatch.setattr(stream.HeavyItems, "add_chunk", counted_add_chunk)
+    monkeypatch.setattr(stream, "add_weight_residuals", captured)
+    train, gen = train_of(kind)
+    y = as_rows64(train)
+    for sigma in (0.3, 3.0, 20.0):
+        x = query_cases(y, gen, sigma)
+        D, lse = run(x, train, sigma)
+        ref, ref_lse = dense_denoise(x, sigma, train)
+        assert_accurate(D, lse, ref, ref_lse, f"{kind} sigma={sigma}")
+        logits, *_ = dense_logits(x, sigma, y, 1.0)
+        share = torch.softmax(logits, 1) * stream.HEAVY_SHARE
+        sure = {(q, n) for q, n in zip(*torch.nonzero(share >= 1 + 1e-9, as_tuple=True)) for q, n in [(int(q), int(n))]}
+        maybe = {(q, n) for q, n in zip(*torch.nonzero(share >= 1 - 1e-9, as_tuple=True)) for q, n in [(int(q), int(n))]}
+        assert sure and sure <= final["pairs"] <= maybe, f"{kind} sigma={sigma}"
+        assert max(kept) <= stream.HEAVY_SHARE
+        kept.clear()
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -554,9 +596,9 @@ def test_work_counting_script_on_cifar10(tmp_path):
     """bench/optimal_work.py counts the kernel's GEMM work. CIFAR-10 rows are uint8, so the
     logits take int8 products: two terms (one int8 unit) where few items matter (small
     sigma; the weighted sum over active rows only) and at large sigma, where the weighted
-    sum is dense (one float16 unit), plus the rounding residuals of the first chunk's
-    items, which hold a sizeable share of the weight while little has been summed (at most
-    one more unit's first chunk); and D within the budget."""
+    sum is dense (one float16 unit), plus the rounding residuals of the items holding at
+    least 1/1024 of some query's final weight (at most 1024 a query); and D within the
+    budget."""
     import json
     import sys
 
@@ -571,9 +613,9 @@ def test_work_counting_script_on_cifar10(tmp_path):
                               "--data", str(shared_data("cifar10-train.npz")), "--json", str(out)]) == 0
     small, large = json.loads(out.read_text())["runs"]
     assert small["int8_gemm_units"] == 2.0 and small["float16_gemm_units"] < 0.5, small
-    first_chunk = min(1.0, stream.chunk_rows(B, 2000, 3072) / 2000)
     assert large["int8_gemm_units"] == 2.0, large
-    assert 1.0 <= large["float16_gemm_units"] <= 1.0 + first_chunk + 1e-9, large
+    heavy_rows = min(2000, B * stream.HEAVY_SHARE)  # the residuals' product, over the rows some query holds heavy
+    assert 1.0 <= large["float16_gemm_units"] <= 1.0 + heavy_rows / 2000 + 1e-9, large
     assert large["float16_equivalent_units"] == round(large["float16_gemm_units"] + 1.0, 4)
     for run in (small, large):  # every product has one purpose; the logits' are the int8 ones here
         by = run["float16_equivalent_units_by_purpose"]
