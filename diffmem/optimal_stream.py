@@ -464,19 +464,23 @@ class HeavyItems:
         self.q, self.n, self.exact, self.lo = (t.index_select(0, keep) for t in (self.q, self.n, self.exact, self.lo))
 
 
-def add_weight_residuals(acc, run_sum, heavy: HeavyItems, rows):
+def add_weight_residuals(acc, run_sum, heavy: HeavyItems, rows, block: int):
     """acc + w_lo @ (hi + lo) for the heavy pairs' residuals w_lo (rounded to float16), over
-    the rows some query holds heavy, and the residuals added to the running sum: those
-    items' weights are then exact to 2^-22."""
+    the rows some query holds heavy, `block` of them at a time (memory as a chunk's), and
+    the residuals added to the running sum: those items' weights are then exact to 2^-22."""
     if heavy.q.numel() == 0:
         return acc, run_sum
     cols, at = torch.unique(heavy.n, return_inverse=True)
-    w_lo = torch.zeros(acc.shape[0], cols.numel(), dtype=torch.float64, device=acc.device)
-    w_lo[heavy.q, at] = heavy.lo  # one entry per pair: no accumulation, deterministic
-    w_lo = w_lo.to(torch.float16)
-    hi, lo = rows.product_rows_at(cols)
-    acc = product_over_columns(acc, w_lo, hi, lo, None)[0]
-    return acc, run_sum + w_lo.double().sum(1, keepdim=True)
+    for c0 in range(0, cols.numel(), block):
+        c1 = min(c0 + block, cols.numel())
+        pick = torch.nonzero((at >= c0) & (at < c1)).squeeze(1)  # a host sync
+        w_lo = torch.zeros(acc.shape[0], c1 - c0, dtype=torch.float64, device=acc.device)
+        w_lo[heavy.q[pick], at[pick] - c0] = heavy.lo[pick]  # one entry per pair: no accumulation, deterministic
+        w_lo = w_lo.to(torch.float16)
+        hi, lo = rows.product_rows_at(cols[c0:c1])
+        acc = product_over_columns(acc, w_lo, hi, lo, None)[0]
+        run_sum = run_sum + w_lo.double().sum(1, keepdim=True)
+    return acc, run_sum
 
 
 def pair_logits(x, rows, q, n, m, inv):
@@ -690,7 +694,7 @@ def _optimal_denoise(x, train, sigma, scale, labels, train_labels):
         small.pop(n0, None)
         pending = following
 
-    acc, run_sum = add_weight_residuals(acc, run_sum, heavy, rows)
+    acc, run_sum = add_weight_residuals(acc, run_sum, heavy, rows, step)
 
     if not bool((run_sum > 0).all()):
         raise RuntimeError("optimal_denoise: a query has no training item to average over")

@@ -249,9 +249,10 @@ def test_residuals_are_multiplied_for_the_items_heavy_in_the_final_weight(kind, 
         add_chunk(self, *args)
         kept.append(int(torch.bincount(self.q, minlength=1).max()) if self.q.numel() else 0)
 
-    def captured(acc, run_sum, heavy, rows):
+    def captured(acc, run_sum, heavy, rows, block):
         final["pairs"] = set(zip(heavy.q.tolist(), heavy.n.tolist()))
-        return add_residuals(acc, run_sum, heavy, rows)
+        assert block == 37  # the residuals' product, in blocks of a chunk's rows
+        return add_residuals(acc, run_sum, heavy, rows, block)
 
     monkeypatch.setattr(stream.HeavyItems, "add_chunk", counted_add_chunk)
     monkeypatch.setattr(stream, "add_weight_residuals", captured)
