@@ -12,7 +12,8 @@ Precision. The weighted sum runs as a float16 GEMM with float32 accumulation and
 (the tensor cores' fast path); so do the logits' products x . p for float rows, which is
 why a logit needs care:
   * uint8 rows (pixels: CIFAR-10, MNIST) take int8 tensor cores instead (where
-    torch._int_mm runs: int8_works; else the float16 path below), whose int32 sums are exact: p = v - 128 is int8 as it is, and x goes in int8 terms with per-query
+    torch._int_mm runs: int8_works; else the float16 path below), whose int32 sums are
+    exact: p = v - 128 is int8 as it is, and x goes in int8 terms with per-query
     scales (int8_terms: 8 bits a term; two terms leave |e| <= 2^-16 max |x| per feature,
     three 2^-24), the int32 products combined in float64. x . p then errs by e . p alone:
     rigorously at most ||e|| ||p||, estimated as a random walk of INT8_WALK deviations, and
