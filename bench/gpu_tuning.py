@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="knn,optimal", help="comma list of knn, optimal")
     parser.add_argument("--json", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
+    parts = {"knn": knn_tiles, "optimal": optimal_chunks}
+    names = [p for p in args.parts.split(",") if p]
+    unknown = [n for n in names if n not in parts]
+    if unknown or not names:
+        parser.error(f"--parts must be a comma list of {', '.join(parts)}, got {args.parts!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_tuning: --device cuda but no CUDA device is available", file=sys.stderr)
         return 1
@@ -117,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    parts = {"knn": knn_tiles, "optimal": optimal_chunks}
-    for name in [p for p in args.parts.split(",") if p]:
-        if name not in parts:
-            print(f"gpu_tuning: unknown part {name!r}; choose from knn, optimal", file=sys.stderr)
-            return 2
+    for name in names:
         record[name] = parts[name](sizes, args.device, args.repeat, args.seed, log)
         write_json_atomic({**record, "complete": False}, out)  # a run cut short keeps this part
     write_json_atomic({**record, "complete": True}, out)

@@ -65,6 +65,7 @@ def test_run_main_exit_status(capsys):
     ["bench/train_throughput.py", "--batch", "0"],
     ["bench/emm_digits.py", "--tolerance", "nan"],
     ["bench/carry_data.py", "split", "a.npz", "--parts", "0"],
+    ["bench/gpu_tuning.py", "--device", "cpu", "--small", "--parts", "knn,foo"],
 ])
 def test_scripts_refuse_bad_numbers_without_a_traceback(argv, tmp_path):
     proc = subprocess.run([sys.executable, *argv, *(["--out", str(tmp_path / "o.json")] if argv[0] in (

@@ -95,7 +95,9 @@ def test_the_tuning_script_runs_and_records_both_parts(tmp_path, monkeypatch):
     assert record["complete"] is True
     assert all(r["same_answer"] for r in record["knn"]["runs"])
     assert {r["chunk_rows"] for r in record["optimal"]["runs"]} == set(gpu_tuning.SMALL["chunks"])
-    assert gpu_tuning.main(["--device", "cpu", "--small", "--parts", "bogus", "--json", str(out)]) == 2
+    with pytest.raises(SystemExit) as exc:  # a usage error, before any part runs
+        gpu_tuning.main(["--device", "cpu", "--small", "--parts", "knn,bogus", "--json", str(out)])
+    assert exc.value.code == 2
 
 
 def _git(root, *args):
