@@ -152,6 +152,21 @@ def test_config_file_and_flags_layer(tmp_path):
     assert info["dataset"]["size"] == preset["size"] and not (tmp_path / info["run_dir"]).exists()
 
 
+def test_attention_resolutions_no_level_has_are_noted(tmp_path):
+    """8x8 digits with channel_mult 1,2: levels 8 and 4. Attention at 16 (EDM's CIFAR-10
+    default) would silently add nothing; the command says so on stderr (stdout stays the
+    dry run's JSON), and says nothing where every resolution is a level."""
+    for attn, note in (("16,4", "--attn-resolutions 16 matches no level of this U-Net at 8x8 (levels 8,4)"),
+                       ("4", None)):
+        result = _run([*TINY, "--attn-resolutions", attn, "--outdir", tmp_path, "--dry-run"])
+        assert result.returncode == 0, result.stderr
+        json.loads(result.stdout)
+        if note:
+            assert note in result.stderr, result.stderr
+        else:
+            assert "attn-resolutions" not in result.stderr, result.stderr
+
+
 def test_end_to_end_run_writes_every_file(tmp_path):
     args = [*TINY, "--duration", "110steps", "--snapshots", "2", "--samples", "16", "--sample-batch", "16",
             "--steps", "4", "--outdir", tmp_path / "runs"]

@@ -152,6 +152,12 @@ def _main(argv: list[str] | None) -> int:
     try:
         dataset = build_dataset(config)
         config.check_dataset(dataset.resolution[0], *dataset.resolution)
+        side = dataset.resolution[0]
+        missing = config.attention_missing_levels(side)
+        if missing and distributed.is_main():  # e.g. EDM's CIFAR-10 default (16) on 8x8 digits
+            print(f"diffmem-train: note: --attn-resolutions {','.join(map(str, missing))} matches no level of this "
+                  f"U-Net at {side}x{side} (levels {','.join(map(str, config.unet_levels(side)))}): no self-attention "
+                  "there", file=sys.stderr)
         if config.samples > 0 and config.eval != "none" and len(dataset) < 2:
             raise ValueError("the memorization criterion needs at least 2 training images (NN1 and NN2)")
         if config.conditional and dataset.num_classes < 1:

@@ -314,6 +314,16 @@ class TrainingConfig:
         need(self.steps >= 1, "steps", f"must be at least 1, got {self.steps}")
         need(self.grid_rows >= 0, "grid_rows", f"must be non-negative, got {self.grid_rows}")
 
+    def unet_levels(self, resolution: int) -> list[int]:
+        """The image side at each level of the U-Net (one level per channel_mult entry)."""
+        return [resolution >> i for i in range(len(self.channel_mult))]
+
+    def attention_missing_levels(self, resolution: int) -> list[int]:
+        """The --attn-resolutions no level has at this image side: they add no attention
+        (as in EDM, silently there; diffmem-train says so)."""
+        levels = self.unet_levels(resolution)
+        return [r for r in self.attn_resolutions if r not in levels]
+
     def check_dataset(self, resolution: int, height: int, width: int) -> None:
         """Checks that need the loaded training set: a square image whose side halves
         cleanly at every level of the U-Net."""
