@@ -52,6 +52,13 @@ def number_list(kind, low: float, *, strict: bool, allow_empty: bool = False) ->
     return parse
 
 
+def add_profile_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """--profile, as every benchmark takes it: `what` gets one profiled call more."""
+    parser.add_argument("--profile", action="store_true",
+                        help=f"also profile {what} (torch.profiler: time in GEMMs and convolutions, compiled "
+                             "kernels and the rest; bench/kernel_profile.py)")
+
+
 def run_main(prog: str, main: Callable[[], object]) -> int:
     """main() as a script's exit status: 0 for a run that returns a record (or None),
     its own status where it returns an int; bad input and Ctrl-C as one line."""

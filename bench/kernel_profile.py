@@ -22,7 +22,7 @@ TOP = 15
 
 
 def category(name: str) -> str:
-    if name.startswith("triton_") or any(m in name for m in COMPILED_MARKERS):
+    if any(m in name for m in COMPILED_MARKERS):
         return "compiled"
     if any(m in name.lower() for m in GEMM_MARKERS):
         return "gemm"

@@ -56,13 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exact-rows", type=cli.nonnegative_int, default=64,
                    help="query rows checked against float64 ground truth, 0 = off (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="default: 0")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile one call of each method (torch.profiler: time in GEMMs, compiled "
-                        "kernels and the rest; bench/kernel_profile.py)")
+    cli.add_profile_flag(p, "one call of each method")
     p.add_argument("--out", type=Path,
                    help="JSON path (default: bench/results/knn-<device-slug>.json)")
     args = p.parse_args(argv)
-    machine.resolve_device_defaults(p, args, DEFAULT_SIZES[args.device])
+    machine.resolve_device_defaults(args, DEFAULT_SIZES[args.device])
     args.dtypes = [t for t in args.dtype.split(",") if t]
     bad = set(args.dtypes) - set(knn_methods.DTYPES)
     if bad:

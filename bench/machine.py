@@ -123,15 +123,12 @@ def diffmem_info() -> dict:
     return info
 
 
-def resolve_device_defaults(parser, args, defaults: dict, positive: tuple[str, ...] = ()) -> None:
+def resolve_device_defaults(args, defaults: dict) -> None:
     """Fill the options left unset with the device's defaults (sizes differ between CPU
-    and GPU runs), default to 2 CPU threads (the project's machines), and refuse
-    non-positive values of the `positive` options."""
+    and GPU runs) and default to 2 CPU threads (the project's machines). The values given
+    are checked by their argparse types (bench/cli.py)."""
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.threads is None and args.device == "cpu":
         args.threads = 2
-    for key in positive:
-        if getattr(args, key) < 1:
-            parser.error(f"--{key.replace('_', '-')} must be >= 1")

@@ -79,16 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-N", type=cli.positive_int,
                    help="second N of the memory check (default: CPU 20000, CUDA 12500)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", action="store_true",
-                   help="also profile one call of diffmem and of its floor per run (torch.profiler: time in "
-                        "GEMMs, compiled kernels and the rest; bench/kernel_profile.py)")
+    cli.add_profile_flag(p, "one call of diffmem and of its floor per run")
     p.add_argument("--out", type=Path, help="JSON path (default: bench/results/optimal-<device>.json; "
                                             "non-default sizes get a suffix)")
     args = p.parse_args(argv)
-    machine.resolve_device_defaults(p, args, DEFAULT_SIZES[args.device], ("B", "N", "d", "memory_N", "repeat"))
+    machine.resolve_device_defaults(args, DEFAULT_SIZES[args.device])
     if args.B > args.N:
         p.error(f"--B ({args.B}) must not exceed --N ({args.N}): queries are noisy training rows")
-    args.sigma_list = args.sigmas
     args.dtypes = [t for t in args.dtype.split(",") if t]
     args.floor_names = [f"bare_gemm_{f}" for f in args.floors.split(",") if f]
     bad = set(args.floor_names) - set(CUDA_FLOORS)
@@ -175,8 +172,7 @@ def methods(x, train, y32, sigma, *, floors=None, y64=None):
         # float32 results
         R, d8 = optimal_stream.int8_shapes(*x.shape)
         x8 = optimal_stream.int8_terms(x.double(), R, d8)[0][0]
-        p8 = (y * 127.5 - 0.5).round().clamp(-128, 127).to(torch.int8)
-        p8 = torch.nn.functional.pad(p8, (0, d8 - p8.shape[1], 0, optimal_stream.round8(p8.shape[0]) - p8.shape[0]))
+        p8 = optimal_stream.int8_padded((y * 127.5 - 0.5).round().clamp(-128, 127).to(torch.int8), d8)
         y16, w16 = y.half(), W.half()
 
         def run():
@@ -322,7 +318,7 @@ def device_record(args, device: torch.device, *, sync=_no_sync, stats=None, log=
                       for dtype in args.dtypes}
     floors = {f: CUDA_FLOORS[f] for f in CUDA_FLOORS if f in args.floor_names or f in floor_by_dtype.values()}
     record = {"data": data_info, "shapes": {"B": args.B, "N": args.N, "d": args.d},
-              "dtypes": args.dtypes, "sigmas": args.sigma_list, "repeat": args.repeat,
+              "dtypes": args.dtypes, "sigmas": args.sigmas, "repeat": args.repeat,
               "queries": "x = y + sigma n for B random training rows y, float32",
               "diffmem_path": path, "floor": floor, "floor_by_dtype": floor_by_dtype, "floors": list(floors),
               "floor_note": f"floor_by_dtype: the bare GEMMs in the precision the op computes in "
@@ -337,7 +333,7 @@ def device_record(args, device: torch.device, *, sync=_no_sync, stats=None, log=
         for dtype in args.dtypes:
             train = u8 if dtype == "uint8" else y32
             record["runs"][dtype] = {}
-            for sigma in args.sigma_list:
+            for sigma in args.sigmas:
                 noise = torch.randn(args.B, args.d, generator=gen, dtype=torch.float64)
                 x = (y_pick + sigma * noise).float().to(device)
                 log(f"{dtype} sigma={sigma}")
@@ -480,13 +476,13 @@ def main(argv=None) -> dict:
     y32 = y64.float()
     pick = torch.randperm(args.N, generator=gen)[: args.B]
     record = {**env, "data": data_info, "shapes": {"B": args.B, "N": args.N, "d": args.d},
-              "dtypes": args.dtypes, "sigmas": args.sigma_list, "repeat": args.repeat,
+              "dtypes": args.dtypes, "sigmas": args.sigmas, "repeat": args.repeat,
               "queries": "x = y + sigma n for B random training rows y, float32",
               "runs": {}, "memory": {}}
     for dtype in args.dtypes:
         train = u8 if dtype == "uint8" else y32
         record["runs"][dtype] = {}
-        for sigma in args.sigma_list:
+        for sigma in args.sigmas:
             x = (y64[pick] + sigma * torch.randn(args.B, args.d, generator=gen, dtype=torch.float64)).float()
             print(f"{dtype} sigma={sigma}", file=sys.stderr, flush=True)
             record["runs"][dtype][str(sigma)] = run_one(x, train, y32, y64, sigma, args.repeat,

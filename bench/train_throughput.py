@@ -86,8 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blocks", type=cli.positive_int, help="residual blocks per level (default: 2)")
     p.add_argument("--resolution", type=cli.positive_int, help="image side (default: 32)")
     p.add_argument("--batch", type=cli.positive_int, help="images per step (default: CUDA 128, CPU 32)")
-    p.add_argument("--warmup", type=cli.nonnegative_int,
-                   help="untimed steps first, incl. compilation (default: CUDA 10, CPU 2)")
+    p.add_argument("--warmup", type=cli.positive_int,
+                   help="untimed steps first, incl. compilation; at least 1: the first step compiles and "
+                        "is never timed (default: CUDA 10, CPU 2)")
     p.add_argument("--steps", type=cli.positive_int,
                    help="timed steps; the median is reported (default: CUDA 50, CPU 3)")
     p.add_argument("--variants", default=",".join(VARIANTS),
@@ -105,16 +106,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=knn_data.DEFAULT_DATA_DIR,
                    help="folder with cifar10-train.npz (default: ../shared/data)")
     p.add_argument("--seed", type=int, default=0, help="default: 0")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile one more step of each variant (torch.profiler: time in GEMMs and "
-                        "convolutions, compiled kernels and the rest; bench/kernel_profile.py)")
+    cli.add_profile_flag(p, "one more step of each variant")
     p.add_argument("--out", type=Path,
                    help="JSON path (default: bench/results/train-throughput-<device-slug>.json)")
     args = p.parse_args(argv)
-    machine.resolve_device_defaults(p, args, {**DEFAULT_SIZES[args.device], **DEFAULT_STEPS[args.device]},
-                                    ("channels", "blocks", "resolution", "batch", "steps"))
-    if args.warmup < 1:
-        p.error("--warmup must be >= 1 (the first step compiles and is never timed)")
+    machine.resolve_device_defaults(args, {**DEFAULT_SIZES[args.device], **DEFAULT_STEPS[args.device]})
     if args.resolution % 4:
         p.error("--resolution must be a multiple of 4 (three U-Net levels)")
     args.variant_names = [v for v in args.variants.split(",") if v]

@@ -170,6 +170,13 @@ def round8(n: int) -> int:
     return -(-n // 8) * 8
 
 
+def int8_padded(p: torch.Tensor, cols: int) -> torch.Tensor:
+    """int8 rows p zero-padded to a multiple of 8 rows and to `cols` features (what
+    torch._int_mm asks of its second operand on CUDA)."""
+    pad_rows, pad_cols = round8(p.shape[0]) - p.shape[0], cols - p.shape[1]
+    return torch.nn.functional.pad(p, (0, pad_cols, 0, pad_rows)) if pad_rows or pad_cols else p
+
+
 def int8_shapes(B: int, d: int) -> tuple[int, int]:
     """Rows per int8 term of x and padded features: torch._int_mm on CUDA asks for more
     than 16 rows and K a multiple of 8."""
@@ -259,10 +266,7 @@ class _Train:
     def int8_rows(self, n0: int, n1: int, cols: int) -> torch.Tensor:
         """p_n = v - 128 (uint8 rows) as int8 for rows [n0, n1), zero-padded to a multiple
         of 8 rows and to `cols` features (torch._int_mm's shapes on CUDA)."""
-        rows = self.raw[n0:n1]
-        p = (rows.to(torch.int16) - 128).to(torch.int8)
-        pad_rows, pad_cols = round8(p.shape[0]) - p.shape[0], cols - p.shape[1]
-        return torch.nn.functional.pad(p, (0, pad_cols, 0, pad_rows)) if pad_rows or pad_cols else p
+        return int8_padded((self.raw[n0:n1].to(torch.int16) - 128).to(torch.int8), cols)
 
     def as_float64(self, n0: int, n1: int) -> torch.Tensor:
         return rows_as_float64(self.raw[n0:n1])
